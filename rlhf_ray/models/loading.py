@@ -1,0 +1,69 @@
+"""Loading policies, reference models and tokenizers from local Hugging Face folders or known names.
+
+A model is named by a local folder (anything `save_pretrained` wrote) or by a built-in name such as
+`rlhf-ray/tiny-gpt2`, which is built once from a config into a cache folder: no hub is contacted.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_ray.models.tiny import ARCHITECTURES, save_tiny_model
+
+BUILTIN_MODELS = {f"rlhf-ray/tiny-{arch}": arch for arch in ARCHITECTURES}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a local Hugging Face folder nor a known model."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_RAY_CACHE", Path.home() / ".cache" / "rlhf_ray"))
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """The local folder holding the model `name_or_path`, building a built-in model on first use."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        target = cache_dir() / "models" / name.replace("/", "--")
+        if not (target / "config.json").exists():
+            # build next to the target and rename, so a crash never leaves a half-written folder
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+            save_tiny_model(tmp, arch=BUILTIN_MODELS[name])
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first
+                pass
+        return target
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+    raise ModelNotFoundError(
+        f"model {name!r} not found: not a local folder, and not a known model "
+        f"(known: {', '.join(sorted(BUILTIN_MODELS))})"
+    )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model, left-padding (for batched generation) and with a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM in eval mode (dropout off, as RLHF wants) and its tokenizer."""
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, load_tokenizer(path)
