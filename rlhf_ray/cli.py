@@ -1,0 +1,91 @@
+"""The `rlhf-ray` command line.
+
+    rlhf-ray train CONFIG [key=value ...] [--address ADDR]   run PPO; outputs in runs/<name>/
+    rlhf-ray config CONFIG [key=value ...]     print the resolved configuration
+    rlhf-ray sample CONFIG [key=value ...]     sample a batch of episodes from the policy and score them
+
+Configuration errors (unknown key, wrong type, missing file) print one message naming the key and
+exit with status 2, the habit of command-line tools for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rlhf_ray.config import ConfigError, dump_config, load_config
+
+EXIT_USAGE = 2
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run configuration")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. rollout.batch_size=64")
+
+
+def cmd_config(args) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from rlhf_ray.pipeline.train import TrainingError, train
+
+    config = load_config(args.config, args.overrides)
+    try:
+        run_dir = train(config, address=args.address)
+    except TrainingError as err:
+        print(f"rlhf-ray: {err}", file=sys.stderr)
+        return 1
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    print(f"reward {first['rollout/reward_mean']:+.3f} -> {last['rollout/reward_mean']:+.3f}, "
+          f"kl {last['objective/kl']:.3f} after {last['iteration']} iterations")
+    print(f"run folder: {run_dir}  (policy: {run_dir / 'policy'})")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from rlhf_ray.rollout.run_sampler import sample_from_config
+
+    config = load_config(args.config, args.overrides)
+    episodes = sample_from_config(config)
+    width = max(len(e.prompt) for e in episodes)
+    for episode in episodes:
+        end = "eos" if episode.eos else "cut"
+        print(f"{episode.reward:+.3f}  {end}  {episode.prompt:<{width}} | {episode.response}")
+    mean = sum(e.reward for e in episodes) / len(episodes)
+    tokens = sum(len(e.response_ids) for e in episodes)
+    print(f"{len(episodes)} episodes, {tokens} response tokens, mean reward {mean:+.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("train", help="run PPO as configured")
+    _add_config_arguments(run)
+    run.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    run.set_defaults(func=cmd_train)
+    show = commands.add_parser("config", help="print the resolved configuration")
+    _add_config_arguments(show)
+    show.set_defaults(func=cmd_config)
+    sample = commands.add_parser("sample", help="sample and score a batch of episodes from the policy")
+    _add_config_arguments(sample)
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"rlhf-ray: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Typed run configuration loaded from YAML with dotted overrides (`rlhf_ray.config.loading`)."""
+
+from rlhf_ray.config.loading import ConfigError, apply_overrides, dump_config, load_config
+from rlhf_ray.config.schema import (
+    DataConfig, KLConfig, LearnerConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, RunConfig,
+    SamplingConfig, TrainConfig, WorkersConfig,
+)
+
+__all__ = [
+    "ConfigError", "DataConfig", "KLConfig", "LearnerConfig", "ModelConfig", "PPOConfig", "TrainConfig", "RewardConfig", "RolloutConfig", "RunConfig",
+    "SamplingConfig", "WorkersConfig", "apply_overrides", "dump_config", "load_config",
+]

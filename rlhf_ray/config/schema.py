@@ -1,0 +1,132 @@
+"""The typed run configuration: one pydantic model per component, gathered into `RunConfig`.
+
+Every model forbids unknown keys, so a typo in YAML or on the command line is an error that names
+the key (see `rlhf_ray.config.loading`), never a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    policy: str = "rlhf-ray/tiny-gpt2"  # local HF folder or a known model name
+    reference: str | None = None  # frozen reference for the KL penalty; None: a copy of the initial policy
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)  # 0: no top-k filtering
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    greedy: bool = False
+
+
+class WorkersConfig(_Section):
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "WorkersConfig":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class RolloutConfig(_Section):
+    batch_size: int = Field(32, ge=1)  # prompts per PPO iteration
+    max_new_tokens: int = Field(16, ge=1)
+    max_length: int | None = Field(None, ge=2)  # context limit; None: the longest prompt + max_new_tokens
+    sampling: SamplingConfig = SamplingConfig()
+    workers: WorkersConfig = WorkersConfig()
+    num_cpus: float = Field(1.0, gt=0.0)  # Ray CPUs reserved by each rollout worker
+    use_gpu: bool = False
+
+
+class DataConfig(_Section):
+    prompts: list[str] | None = None  # None: the built-in prompts of the toy environment
+
+
+class RewardConfig(_Section):
+    function: str = "envs.builtin:sentiment_reward"  # "module:function" or a reward-model folder
+
+
+class KLConfig(_Section):
+    coef: float = Field(0.05, ge=0.0)  # beta; the initial value when adaptive
+    adaptive: bool = False  # Ziegler et al. 2019 controller towards `target`
+    target: float = Field(6.0, gt=0.0)  # nats per sequence
+    horizon: float = Field(10000.0, gt=0.0)
+    estimator: Literal["k1", "k3"] = "k1"
+    in_reward: bool = True  # True: -beta*KL per token in the reward; False: a KL loss term (GRPO style)
+
+
+class PPOConfig(_Section):
+    advantage_estimator: Literal["gae", "grpo", "rloo"] = "gae"  # grpo/rloo run without a critic
+    group_size: int = Field(1, ge=1)  # responses sampled per prompt (grpo/rloo need >= 2)
+    epochs: int = Field(4, ge=1)  # PPO epochs over one rollout batch
+    minibatch_size: int = Field(8, ge=1)  # episodes per optimizer step, over all learner ranks
+    clip_eps: float = Field(0.2, gt=0.0)
+    dual_clip: float | None = Field(None, gt=1.0)
+    value_clip_eps: float | None = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = None  # score of responses cut by the budget without EOS
+    reward_scale: float = 1.0
+    kl: KLConfig = KLConfig()
+
+    @model_validator(mode="after")
+    def _groups_for_critic_free(self) -> "PPOConfig":
+        if self.advantage_estimator in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator!r} needs group_size >= 2")
+        return self
+
+
+class LearnerConfig(_Section):
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False
+    zero_stage: Literal[2, 3] = 2
+    lr: float = Field(1e-5, gt=0.0)
+    critic_lr: float | None = Field(None, gt=0.0)  # None: lr
+    adam_eps: float = Field(1e-5, gt=0.0)  # PyTorch Adam puts eps outside the sqrt (PPO_DETAILS.md)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    bf16: bool = False  # GPU only
+    gradient_checkpointing: bool = False
+
+
+class TrainConfig(_Section):
+    iterations: int = Field(10, ge=1)
+    checkpoint_every: int = Field(5, ge=1)  # iterations between checkpoints
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    learner: LearnerConfig = LearnerConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _batch_fits_the_learner(self) -> "RunConfig":
+        episodes = self.rollout.batch_size * self.ppo.group_size
+        if episodes % self.ppo.minibatch_size:
+            raise ValueError(f"rollout.batch_size x ppo.group_size ({episodes}) must be a multiple of "
+                             f"ppo.minibatch_size ({self.ppo.minibatch_size})")
+        if self.ppo.minibatch_size % self.learner.num_workers:
+            raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "
+                             f"learner.num_workers ({self.learner.num_workers})")
+        return self

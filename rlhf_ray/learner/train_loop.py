@@ -1,0 +1,201 @@
+"""The PPO loop of one Ray Train worker (one data-parallel learner rank).
+
+Rank 0 drives the rollout pool: it sends the iteration's prompts out, gets every episode back once,
+and broadcasts them to the other ranks; each rank trains on its contiguous shard (whole prompt
+groups, for GRPO/RLOO) with DeepSpeed engines for the actor and the critic and a frozen reference.
+After the update all ranks gather the full policy (a collective under ZeRO-3) and rank 0 sends it to
+every live rollout worker through one object-store copy; the policy version goes up by one.
+
+Rank 0 writes `metrics.jsonl` (one object per iteration), TensorBoard events, checkpoints every
+`train.checkpoint_every` iterations and the final `policy/` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
+from rlhf_ray.config import RunConfig
+from rlhf_ray.learner.distributed import get_rank, get_world_size
+from rlhf_ray.learner.engine import EngineConfig, create_engine, create_reference_engine, gather_full_state_dict
+from rlhf_ray.learner.ppo import Reducer, make_experience, ppo_update
+from rlhf_ray.models import load_tokenizer, resolve_model_path
+from rlhf_ray.models.value import ValueModel
+from rlhf_ray.rollout.sampler import episode_seed
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DistributedReducer(Reducer):
+    """Sums over the Ray Train process group."""
+
+    def __init__(self):
+        self.world_size, self.rank = get_world_size(), get_rank()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.detach().clone()
+        if self.world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
+def engine_config(config: RunConfig, world_size: int, lr: float) -> EngineConfig:
+    learner = config.learner
+    return EngineConfig(zero_stage=learner.zero_stage, lr=lr, adam_eps=learner.adam_eps,
+                        weight_decay=learner.weight_decay, max_grad_norm=learner.max_grad_norm,
+                        bf16=learner.bf16, micro_batch_size=config.ppo.minibatch_size // world_size,
+                        gradient_checkpointing=learner.gradient_checkpointing)
+
+
+def iteration_prompts(config: RunConfig, prompt_ids: list[list[int]], iteration: int) -> tuple[list, list[int]]:
+    """The iteration's prompts (each `group_size` times in a row) and one seed per episode.
+
+    Prompts are taken in order and cycled: iteration k starts at position k * batch_size.
+    """
+    size, group = config.rollout.batch_size, config.ppo.group_size
+    start = iteration * size
+    indices = [(start + i) % len(prompt_ids) for i in range(size) for _ in range(group)]
+    seeds = [episode_seed(config.seed, iteration, j) for j in range(size * group)]
+    return [prompt_ids[i] for i in indices], seeds
+
+
+def broadcast_episodes(episodes, rank: int):
+    box = [episodes if rank == 0 else None]
+    if get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rollout_timing(episodes) -> dict:
+    """Wall time of the rollout chunks (they run in parallel: the slowest one counts)."""
+    chunks = {(e.worker_id, e.extra.get("chunk")): e.extra for e in episodes}
+    return {"perf/generate_s": max(c.get("generate_s", 0.0) for c in chunks.values()),
+            "perf/scoring_s": max(c.get("reward_s", 0.0) for c in chunks.values())}
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard events, rank 0 only."""
+
+    def __init__(self, run_dir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and name != "iteration":
+                self.tensorboard.add_scalar(name, value, metrics["iteration"])
+        self.tensorboard.flush()
+
+
+def save_policy(export_model, state_dict, tokenizer, path: Path) -> None:
+    """A plain Hugging Face folder, written next to `path` and renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    export_model.load_state_dict(state_dict)
+    export_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        import shutil
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def ppo_train_loop(loop_config: dict) -> None:
+    config = RunConfig.model_validate(loop_config["config"])
+    pool = loop_config["pool"]
+    run_dir = Path(loop_config["run_dir"])
+    rank, world = get_rank(), get_world_size()
+    reducer = DistributedReducer()
+    torch.manual_seed(config.seed)
+    dtype = DTYPES[config.model.dtype]
+
+    policy_path = resolve_model_path(config.model.policy)
+    reference_path = resolve_model_path(config.model.reference or config.model.policy)
+    tokenizer = load_tokenizer(policy_path)
+    actor = create_engine(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype),
+                          engine_config(config, world, config.learner.lr), train_batch_size=config.ppo.minibatch_size)
+    critic = None
+    if config.ppo.advantage_estimator == "gae":
+        critic = create_engine(ValueModel.from_pretrained(policy_path, dtype=dtype),
+                               engine_config(config, world, config.learner.critic_lr or config.learner.lr),
+                               train_batch_size=config.ppo.minibatch_size)
+    reference = create_reference_engine(AutoModelForCausalLM.from_pretrained(reference_path, dtype=dtype),
+                                        engine_config(config, world, config.learner.lr))
+    kl = config.ppo.kl
+    kl_controller = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
+                     else FixedKLController(kl.coef))
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    temperature = config.rollout.sampling.temperature
+
+    writer = export_model = prompt_ids = None
+    if rank == 0:
+        from rlhf_ray.rollout.run_sampler import prompt_texts
+
+        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(config)]
+        writer = MetricsWriter(run_dir)
+        export_model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+
+    version = 0
+    for iteration in range(config.train.iterations):
+        started = time.perf_counter()
+        episodes = None
+        if rank == 0:
+            prompts, seeds = iteration_prompts(config, prompt_ids, iteration)
+            episodes = pool.generate(prompts, seeds)
+        rollout_s = time.perf_counter() - started
+        episodes = broadcast_episodes(episodes, rank)
+        per_rank = len(episodes) // world
+        shard = episodes[rank * per_rank:(rank + 1) * per_rank]
+
+        t = time.perf_counter()
+        experience, metrics = make_experience(shard, actor, critic, reference, config.ppo, kl_controller.value,
+                                              temperature, tokenizer.pad_token_id, reducer)
+        experience_s = time.perf_counter() - t
+        t = time.perf_counter()
+        metrics.update(ppo_update(actor, critic, experience, config.ppo, kl_controller.value, temperature,
+                                  generator, reducer))
+        update_s = time.perf_counter() - t
+        kl_controller.update(metrics["objective/kl"], n_steps=len(episodes))
+
+        t = time.perf_counter()
+        state_dict = gather_full_state_dict(actor, dtype=torch.float32)
+        version += 1
+        if rank == 0:
+            pool.set_weights(state_dict, version)
+        sync_s = time.perf_counter() - t  # gather (a collective under ZeRO-3) + broadcast to workers
+        learner_tokens = int(reducer.sum(experience.batch.attention_mask.sum())) * config.ppo.epochs
+
+        if (iteration + 1) % config.train.checkpoint_every == 0 or iteration + 1 == config.train.iterations:
+            checkpoint = run_dir / "checkpoints" / f"iter_{iteration + 1:06d}"
+            actor.save_checkpoint(str(checkpoint / "actor"))
+            if critic is not None:
+                critic.save_checkpoint(str(checkpoint / "critic"))
+            if rank == 0:
+                save_policy(export_model, state_dict, tokenizer, checkpoint / "policy")
+                (checkpoint / "run_state.json").write_text(json.dumps({
+                    "iteration": iteration + 1, "policy_version": version, "kl_controller": kl_controller.state_dict(),
+                    "data_position": (iteration + 1) * config.rollout.batch_size}))
+
+        if rank == 0:
+            response_tokens = int(sum(len(e.response_ids) for e in episodes))
+            metrics.update({
+                "iteration": iteration + 1, "policy_version": version, "pool/workers": len(pool),
+                "perf/rollout_s": rollout_s, **rollout_timing(episodes), "perf/experience_s": experience_s,
+                "perf/update_s": update_s, "perf/sync_s": sync_s,
+                "perf/iteration_s": time.perf_counter() - started,
+                "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
+                "perf/learner_tokens_per_s": learner_tokens / max(update_s, 1e-9),
+            })
+            writer.write(metrics)
+    if rank == 0:
+        save_policy(export_model, state_dict, tokenizer, run_dir / "policy")

@@ -1,0 +1,74 @@
+"""Forward passes over finished episodes: the layout the learner and the tests share.
+
+A batch of episodes is packed as `[left-padded prompt | right-padded response]`:
+
+    input_ids      (B, P + R)   pad . . p p p | r r r eos pad
+    attention_mask (B, P + R)   0   0 0 1 1 1 | 1 1 1 1   0
+    response_mask  (B, R)                     | 1 1 1 1   0
+
+Prompts end at the same column P, so response token t of every row sits at column P + t and is
+predicted by the logits at column P + t - 1. Position ids count real tokens only, as HF `generate`
+does for left-padded prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (B, P + R) long
+    attention_mask: torch.Tensor  # (B, P + R) long
+    response_mask: torch.Tensor  # (B, R) float, 1 for response tokens (EOS included)
+    prompt_width: int  # P
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def response_ids(self) -> torch.Tensor:  # (B, R)
+        return self.input_ids[:, self.prompt_width:]
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                           self.response_mask.to(device), self.prompt_width)
+
+
+def pack_episodes(prompt_ids: list, response_ids: list, pad_id: int) -> PackedBatch:
+    """Pack token-id sequences (lists or arrays) into the layout above."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"got {len(prompt_ids)} prompts but {len(response_ids)} responses")
+    batch = len(prompt_ids)
+    prompt_width = max(len(p) for p in prompt_ids)
+    response_width = max(1, max(len(r) for r in response_ids))
+    input_ids = torch.full((batch, prompt_width + response_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros((batch, response_width), dtype=torch.float32)
+    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        p, r = len(prompt), len(response)
+        input_ids[row, prompt_width - p:prompt_width] = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
+        attention_mask[row, prompt_width - p:prompt_width + r] = 1
+        if r:
+            input_ids[row, prompt_width:prompt_width + r] = torch.as_tensor(np.asarray(response, dtype=np.int64))
+            response_mask[row, :r] = 1.0
+    return PackedBatch(input_ids, attention_mask, response_mask, prompt_width)
+
+
+def response_logits(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Logits (B, R, V) predicting each response token, divided by the sampling temperature."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, use_cache=False)
+    logits = out.logits[:, batch.prompt_width - 1:-1, :]  # (B, R, V)
+    return logits.float() / temperature
+
+
+def response_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(response token t | prefix) (B, R) under `model`; zero where `response_mask` is 0."""
+    logits = response_logits(model, batch, temperature)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    return logprobs * batch.response_mask

@@ -1,0 +1,100 @@
+"""`rlhf-ray train`: one PPO run, from a config to `runs/<name>/`.
+
+The driver starts a local Ray (or joins one), starts the rollout pool, runs the learner as a Ray
+Train `TorchTrainer` (gloo on CPU, NCCL on GPU), and follows `metrics.jsonl` to draw a progress bar
+with the reward and the KL of each iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.train import RunConfig as TrainRunConfig
+from ray.train import ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from rlhf_ray.config import RunConfig, dump_config
+from rlhf_ray.learner.distributed import deepspeed_worker_env
+from rlhf_ray.learner.train_loop import ppo_train_loop
+from rlhf_ray.rollout.pool import RolloutPool, WorkerSpec
+from rlhf_ray.rollout.run_sampler import sampling_params
+
+
+class TrainingError(RuntimeError):
+    """The learner failed; the message carries the worker's error."""
+
+
+def start_ray(config: RunConfig, address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    env = {"env_vars": deepspeed_worker_env(config.learner.use_gpu)}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    # Logical CPUs: enough for every learner rank and rollout worker to be placed on a small machine.
+    needed = config.learner.num_workers + config.rollout.workers.max * config.rollout.num_cpus + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), runtime_env=env,
+             include_dashboard=False, log_to_driver=True)
+
+
+def rollout_pool(config: RunConfig) -> RolloutPool:
+    spec = WorkerSpec(policy=config.model.policy, reward=config.reward.function, params=sampling_params(config),
+                      max_length=config.rollout.max_length, dtype=config.model.dtype,
+                      use_gpu=config.rollout.use_gpu, num_cpus=config.rollout.num_cpus)
+    return RolloutPool(spec, num_workers=config.rollout.workers.min, name=f"{config.name}-rollout")
+
+
+def follow_metrics(path: Path, total: int, done: threading.Event) -> None:
+    """A progress bar over iterations, fed by the lines rank 0 appends to metrics.jsonl."""
+    from tqdm import tqdm
+
+    seen = 0
+    with tqdm(total=total, desc="ppo", unit="it", dynamic_ncols=True) as bar:
+        while not done.is_set() or seen < total:
+            lines = path.read_text().splitlines() if path.exists() else []
+            for line in lines[seen:]:
+                metrics = json.loads(line)
+                bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:+.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                                workers=metrics["pool/workers"])
+                bar.update(1)
+            seen = len(lines)
+            if done.is_set():
+                break
+            time.sleep(0.5)
+
+
+def train(config: RunConfig, address: str | None = None, progress: bool = True) -> Path:
+    """Run PPO as configured; returns the run folder (`output_dir/name`)."""
+    run_dir = (Path(config.output_dir) / config.name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    start_ray(config, address)
+    pool = rollout_pool(config)
+    trainer = TorchTrainer(
+        ppo_train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "pool": pool, "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=config.learner.num_workers, use_gpu=config.learner.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if config.learner.use_gpu else "gloo"),
+        run_config=TrainRunConfig(name="learner", storage_path=str(run_dir / "ray_train")),
+    )
+    done = threading.Event()
+    follower = threading.Thread(target=follow_metrics, args=(run_dir / "metrics.jsonl", config.train.iterations, done),
+                                daemon=True)
+    if progress:
+        follower.start()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"the learner failed: {err}") from err
+    finally:
+        done.set()
+        if progress:
+            follower.join(timeout=5)
+        pool.shutdown()
+    return run_dir

@@ -1,0 +1,217 @@
+"""Batched sampling with a KV cache that drives the text-generation vector environment.
+
+The sampler owns the model; the environment (`envs.TextGenerationVectorEnv`) owns the episodes:
+each step the sampler turns the model's next-token distribution into one action per env, and the
+env appends it, decides termination (EOS) and truncation (token budget), and scores every episode
+that ends in that step with one batched reward call.
+
+Details that decide whether PPO trains (shared/PPO_DETAILS.md):
+- prompts are left-padded and position ids come from the attention mask, as in HF `generate`;
+- the recorded behaviour log-probability of a token is `log_softmax(logits / temperature)` of the
+  *unfiltered* distribution, which is what the learner recomputes from the finished sequence
+  (top-k/top-p only decide which token is drawn);
+- each episode's randomness is a stream of uniforms derived from its own seed, so an episode's
+  tokens do not depend on which other prompts share its batch or worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from envs.vector import TextGenerationVectorEnv
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    top_p: float = 1.0  # 1.0: no nucleus filtering
+    greedy: bool = False  # argmax; the same tokens as `model.generate(do_sample=False)`
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Episode:
+    """One finished episode: the rollout record the learner trains on."""
+
+    prompt_ids: np.ndarray  # (P,) int64
+    response_ids: np.ndarray  # (R,) int64, EOS included when the episode terminated
+    behaviour_logprobs: np.ndarray  # (R,) float32, log pi_behaviour(token | prefix)
+    eos: bool  # terminated by EOS (False: truncated by the token budget)
+    reward: float  # the reward function's score of (prompt, response)
+    prompt: str
+    response: str
+    seed: int
+    policy_version: int = 0
+    worker_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def episode_seed(run_seed: int, iteration: int, prompt_index: int) -> int:
+    """A 63-bit seed for one episode, derived from the run seed and the prompt's place in the run."""
+    return int(np.random.SeedSequence([run_seed, iteration, prompt_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def episode_uniforms(seeds: list[int], steps: int) -> np.ndarray:
+    """(B, steps) uniforms in [0, 1); row b depends only on seeds[b]."""
+    return np.stack([np.random.default_rng(seed).random(steps) for seed in seeds]) if seeds else np.zeros((0, steps))
+
+
+def filter_top_k_top_p(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Zero the probabilities outside the top-k and the top-p nucleus (Holtzman et al. 2019); (B, V)."""
+    if top_k > 0 and top_k < probs.shape[-1]:
+        kth = torch.topk(probs, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token ids drawn from unnormalised `probs` (B, V) with one uniform per row (B,)."""
+    cdf = torch.cumsum(probs, dim=-1)  # (B, V)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    # rounding can put the target at the very end of the cdf; fall back to the last token with mass
+    last_nonzero = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).int(), dim=-1)
+    return torch.minimum(tokens, last_nonzero)
+
+
+def left_pad(sequences: list[np.ndarray] | list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, T) token ids and attention mask of variable-length sequences."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq):] = torch.as_tensor(np.asarray(seq), dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as HF `generate` does for left padding."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class Sampler:
+    """Generates episodes for a batch of prompts with a causal LM and a reward function."""
+
+    def __init__(self, model, tokenizer, reward_fn, params: SamplingParams = SamplingParams(),
+                 max_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.params = params
+        self.max_length = max_length  # context limit; None: longest prompt + max_new_tokens
+        self.last_reward_s = 0.0  # seconds spent in the reward function by the last `generate`
+
+    def _timed_reward(self, prompts: list[str], responses: list[str]):
+        start = time.perf_counter()
+        try:
+            return self.reward_fn(prompts, responses)
+        finally:
+            self.last_reward_s += time.perf_counter() - start
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]] | list[np.ndarray], seeds: list[int]) -> list[Episode]:
+        """Sample one episode per prompt; `seeds[b]` alone decides the randomness of episode b."""
+        if len(prompt_ids) != len(seeds):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(seeds)} seeds")
+        if not prompt_ids:
+            return []
+        params, pad_id = self.params, self.tokenizer.pad_token_id
+        batch = len(prompt_ids)
+        max_length = self.max_length or max(len(p) for p in prompt_ids) + params.max_new_tokens
+        env = TextGenerationVectorEnv(
+            num_envs=batch, tokenizer=self.tokenizer, reward_fn=self._timed_reward,
+            max_new_tokens=params.max_new_tokens, max_length=max_length,
+            autoreset_mode=AutoresetMode.DISABLED, copy=False,
+        )
+        self.last_reward_s = 0.0
+        env.reset(options={"prompt_ids": [list(map(int, p)) for p in prompt_ids]})
+
+        device = self.device
+        uniforms = torch.as_tensor(episode_uniforms(list(seeds), params.max_new_tokens), dtype=torch.float32)
+        input_ids, attention_mask = left_pad(prompt_ids, pad_id)  # (B, P)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = position_ids_from_mask(attention_mask)
+        logprobs = np.zeros((batch, params.max_new_tokens), dtype=np.float32)  # (B, R)
+        responses = np.full((batch, params.max_new_tokens), pad_id, dtype=np.int64)  # (B, R)
+        response_lengths = np.zeros(batch, dtype=np.int64)  # (B,)
+        done = np.zeros(batch, dtype=bool)
+        rewards = np.zeros(batch, dtype=np.float64)
+        eos = np.zeros(batch, dtype=bool)
+        texts: list[tuple[str, str] | None] = [None] * batch
+        pad_actions = torch.full((batch,), pad_id, dtype=torch.long, device=device)
+
+        # transformers 5 renamed `past_key_values` to `cache` (argument and output)
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        past = None
+        for step in range(params.max_new_tokens):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{cache_arg: past})
+            past = out[cache_arg] if cache_arg in out else out.past_key_values
+            logits = out.logits[:, -1, :].float() / params.temperature  # (B, V)
+            step_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+            if params.greedy:
+                tokens = torch.argmax(logits, dim=-1)
+            else:
+                probs = filter_top_k_top_p(step_logprobs.exp(), params.top_k, params.top_p)
+                tokens = inverse_cdf_sample(probs, uniforms[:, step].to(device))
+            active = torch.as_tensor(~done, device=device)
+            tokens = torch.where(active, tokens, pad_actions)  # (B,)
+            logprobs[:, step] = step_logprobs.gather(-1, tokens[:, None]).squeeze(-1).cpu().numpy()
+            actions = tokens.cpu().numpy()
+            responses[~done, step] = actions[~done]
+            response_lengths += ~done
+
+            _, step_rewards, terminated, truncated, infos = env.step(actions)
+            finished = terminated | truncated
+            if finished.any():
+                rewards[finished] = step_rewards[finished]
+                eos[terminated] = True
+                for b in np.flatnonzero(finished):
+                    texts[b] = (infos["prompt"][b], infos["response"][b])
+                done |= finished
+            if done.all():
+                break
+            input_ids = tokens[:, None]  # (B, 1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+
+        episodes = []
+        for b in range(batch):
+            length = int(response_lengths[b])
+            prompt, response = texts[b]
+            episodes.append(Episode(
+                prompt_ids=np.asarray(prompt_ids[b], dtype=np.int64),
+                response_ids=responses[b, :length].copy(),
+                behaviour_logprobs=logprobs[b, :length].copy(),
+                eos=bool(eos[b]), reward=float(rewards[b]), prompt=prompt, response=response,
+                seed=int(seeds[b]),
+            ))
+        return episodes

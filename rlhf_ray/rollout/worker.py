@@ -1,0 +1,81 @@
+"""The rollout worker: a Ray actor holding a full policy copy, the sampler and the reward function.
+
+Actors stay thin (shared/STYLE.md): the sampling is `Sampler.generate`, which tests call without
+Ray. Rollout workers never generate through the sharded learner engine; they receive full weights
+by `set_weights` after every update (the TRL / DeepSpeed-Chat ZeRO-3 generation bottleneck).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+
+from rlhf_ray.models import load_policy
+from rlhf_ray.rewards import as_reward_function
+from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A hash of parameter names and values, to check that two copies of a model are equal."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class RolloutWorker:
+    """Generates episodes for chunks of prompts with the policy of a given version."""
+
+    def __init__(self, worker_id: str, policy: str, reward: str, params: SamplingParams,
+                 max_length: int | None = None, dtype: str = "float32", use_gpu: bool = False):
+        self.worker_id = worker_id
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model, self.tokenizer = load_policy(policy, dtype=DTYPES[dtype], device=device)
+        self.sampler = Sampler(self.model, self.tokenizer, as_reward_function(reward), params, max_length)
+        self.policy_version = 0
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], version: int) -> list[Episode]:
+        if version != self.policy_version:
+            raise RuntimeError(f"worker {self.worker_id} holds policy version {self.policy_version}, "
+                               f"asked to generate with version {version}")
+        start = time.perf_counter()
+        episodes = self.sampler.generate(prompt_ids, seeds)
+        timing = {"chunk": int(seeds[0]) if seeds else 0, "generate_s": time.perf_counter() - start,
+                  "reward_s": self.sampler.last_reward_s}
+        for episode in episodes:
+            episode.policy_version = self.policy_version
+            episode.worker_id = self.worker_id
+            episode.extra.update(timing)
+        return episodes
+
+    def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """Load full policy weights (an object-store reference resolves to the dict)."""
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        # a tied weight (lm_head = embedding) may be sent once, under either name
+        tensors = self.model.state_dict(keep_vars=True)
+        loaded = {tensors[name].data_ptr() for name in state_dict if name in tensors}
+        missing = [name for name in missing if tensors[name].data_ptr() not in loaded]
+        if missing or unexpected:
+            raise ValueError(f"worker {self.worker_id}: weights do not fit the policy: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.policy_version = version
+        return version
+
+    def weights_digest(self) -> str:
+        return state_dict_digest(self.model.state_dict())
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "policy_version": self.policy_version,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+
+RemoteRolloutWorker = ray.remote(RolloutWorker)
