@@ -25,6 +25,10 @@ from rlhf_ray.rollout.pool import RolloutPool, WorkerSpec
 from rlhf_ray.rollout.run_sampler import sampling_params
 
 
+# weight-loading progress bars of every worker would bury the run's own progress bar
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 class TrainingError(RuntimeError):
     """The learner failed; the message carries the worker's error."""
 
@@ -32,14 +36,13 @@ class TrainingError(RuntimeError):
 def start_ray(config: RunConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
-    env = {"env_vars": deepspeed_worker_env(config.learner.use_gpu)}
+    env = {"env_vars": {**deepspeed_worker_env(config.learner.use_gpu), **QUIET_ENV}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     # Logical CPUs: enough for every learner rank and rollout worker to be placed on a small machine.
     needed = config.learner.num_workers + config.rollout.workers.max * config.rollout.num_cpus + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), runtime_env=env,
-             include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), runtime_env=env, log_to_driver=True)
 
 
 def rollout_pool(config: RunConfig) -> RolloutPool:
