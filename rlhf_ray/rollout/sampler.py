@@ -25,6 +25,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from envs.vector import TextGenerationVectorEnv
+from rlhf_ray.rewards import RewardFunction, as_reward_function
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ class Sampler:
                  max_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.reward_fn = reward_fn
+        self.reward_fn = as_reward_function(reward_fn)
+        # the env calls this timed wrapper, which keeps the reward's own name in error messages
+        self._env_reward = RewardFunction(self._timed_reward, name=self.reward_fn.name)
         self.params = params
         self.max_length = max_length  # context limit; None: longest prompt + max_new_tokens
         self.last_reward_s = 0.0  # seconds spent in the reward function by the last `generate`
@@ -147,7 +150,7 @@ class Sampler:
         batch = len(prompt_ids)
         max_length = self.max_length or max(len(p) for p in prompt_ids) + params.max_new_tokens
         env = TextGenerationVectorEnv(
-            num_envs=batch, tokenizer=self.tokenizer, reward_fn=self._timed_reward,
+            num_envs=batch, tokenizer=self.tokenizer, reward_fn=self._env_reward,
             max_new_tokens=params.max_new_tokens, max_length=max_length,
             autoreset_mode=AutoresetMode.DISABLED, copy=False,
         )

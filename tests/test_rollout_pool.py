@@ -1,0 +1,107 @@
+"""Rollout workers and the pool on a real local Ray: every episode once, weight sync, lost workers."""
+
+import copy
+
+import pytest
+import ray
+import torch
+
+from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
+from rlhf_ray.models import load_policy
+from rlhf_ray.rollout.pool import RolloutPool, WorkerSpec
+from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed
+from rlhf_ray.rollout.worker import state_dict_digest
+
+REWARD = "envs.builtin:sentiment_reward"
+PARAMS = SamplingParams(max_new_tokens=8, temperature=1.2)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return load_policy(tiny_model_dir)
+
+
+def make_pool(tiny_model_dir, workers):
+    return RolloutPool(WorkerSpec(policy=str(tiny_model_dir), reward=REWARD, params=PARAMS, num_cpus=0.5),
+                       num_workers=workers)
+
+
+def prompts_and_seeds(tokenizer, n):
+    texts = [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(n)]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], [episode_seed(0, 0, i) for i in range(n)]
+
+
+def test_pool_returns_every_episode_once_as_one_sampler_would(local_ray, tiny_model_dir, policy):
+    model, tokenizer = policy
+    prompt_ids, seeds = prompts_and_seeds(tokenizer, 10)
+    pool = make_pool(tiny_model_dir, workers=3)
+    try:
+        episodes = pool.generate(prompt_ids, seeds)
+    finally:
+        pool.shutdown()
+    expected = Sampler(model, tokenizer, sentiment_reward, PARAMS).generate(prompt_ids, seeds)
+    assert [e.seed for e in episodes] == seeds
+    assert [e.response_ids.tolist() for e in episodes] == [e.response_ids.tolist() for e in expected]
+    assert len({e.worker_id for e in episodes}) == 3
+    assert all(e.policy_version == 0 for e in episodes)
+
+
+def test_after_a_sync_every_worker_holds_the_learner_weights(local_ray, tiny_model_dir, policy):
+    model, _ = policy
+    learner = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in learner.parameters():  # tied weights stay tied, as the learner's would
+            param.add_(0.01 * torch.randn_like(param))
+    learner_weights = learner.state_dict()
+    pool = make_pool(tiny_model_dir, workers=2)
+    try:
+        before = pool.weights_digests()
+        pool.set_weights(learner_weights, version=1)
+        after = pool.weights_digests()
+        late = pool.add_worker()  # a worker that joins later catches up before its first chunk
+        after_join = pool.weights_digests()
+    finally:
+        pool.shutdown()
+    assert set(before.values()) == {state_dict_digest(model.state_dict())}
+    assert set(after.values()) == {state_dict_digest(learner_weights)}
+    assert after_join[late] == state_dict_digest(learner_weights)
+
+
+def test_dead_worker_prompts_are_requeued(local_ray, tiny_model_dir, policy):
+    _, tokenizer = policy
+    prompt_ids, seeds = prompts_and_seeds(tokenizer, 8)
+    pool = make_pool(tiny_model_dir, workers=2)
+    try:
+        reference = pool.generate(prompt_ids, seeds)
+        ray.kill(pool.workers[next(iter(pool.workers))], no_restart=True)  # the pool does not know yet
+        episodes = pool.generate(prompt_ids, seeds)
+        assert pool.requeued_chunks == 1 and len(pool) == 1
+    finally:
+        pool.shutdown()
+    assert [e.seed for e in episodes] == seeds  # every prompt once, in order
+    assert [e.response_ids.tolist() for e in episodes] == [e.response_ids.tolist() for e in reference]
+
+
+def test_workers_join_and_leave_between_calls(local_ray, tiny_model_dir, policy):
+    _, tokenizer = policy
+    prompt_ids, seeds = prompts_and_seeds(tokenizer, 6)
+    pool = make_pool(tiny_model_dir, workers=1)
+    try:
+        one = pool.generate(prompt_ids, seeds)
+        pool.add_worker()
+        two = pool.generate(prompt_ids, seeds)
+        pool.remove_worker()
+        again = pool.generate(prompt_ids, seeds)
+        assert len(pool) == 1
+    finally:
+        pool.shutdown()
+    assert len({e.worker_id for e in two}) == 2
+    tokens = [[e.response_ids.tolist() for e in batch] for batch in (one, two, again)]
+    assert tokens[0] == tokens[1] == tokens[2]
