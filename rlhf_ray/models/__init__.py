@@ -1,9 +1,19 @@
-"""Policies, reference models and tokenizers: loading, and tiny models built locally for tests."""
+"""Policies, reference models and tokenizers: loading, and tiny models built locally for tests.
 
-from rlhf_ray.models.loading import BUILTIN_MODELS, ModelNotFoundError, load_policy, load_tokenizer, resolve_model_path
-from rlhf_ray.models.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
+Names are imported on first use, so `import envs` (which needs only tokenizers) stays cheap.
+"""
 
-__all__ = [
-    "BUILTIN_MODELS", "ModelNotFoundError", "build_tiny_model", "build_tiny_tokenizer",
-    "load_policy", "load_tokenizer", "resolve_model_path", "save_tiny_model",
-]
+_EXPORTS = {
+    "BUILTIN_MODELS": "loading", "ModelNotFoundError": "loading", "load_policy": "loading",
+    "load_tokenizer": "loading", "resolve_model_path": "loading",
+    "build_tiny_model": "tiny", "build_tiny_tokenizer": "tiny", "save_tiny_model": "tiny",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"rlhf_ray.models.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'rlhf_ray.models' has no attribute {name!r}")

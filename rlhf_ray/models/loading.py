@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_ray.models.tiny import ARCHITECTURES, save_tiny_model
 
@@ -62,8 +62,10 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def load_policy(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+                device: str | torch.device = "cpu"):
     """A causal LM in eval mode (dropout off, as RLHF wants) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
     path = resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, load_tokenizer(path)

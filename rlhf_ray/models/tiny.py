@@ -12,13 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
@@ -59,6 +53,8 @@ def tiny_model_config(arch: str, vocab_size: int, n_layer: int = 2, hidden: int 
                       n_head: int = 2, max_positions: int = 128, pad_token_id: int = 0,
                       eos_token_id: int = 1):
     """The config of a tiny causal LM; dropout is off (RLHF wants deterministic forward passes)."""
+    from transformers import GPT2Config, LlamaConfig
+
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_positions=max_positions, n_embd=hidden, n_layer=n_layer,
@@ -75,8 +71,10 @@ def tiny_model_config(arch: str, vocab_size: int, n_layer: int = 2, hidden: int 
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
-def build_tiny_model(arch: str = "gpt2", seed: int = 0, **config_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def build_tiny_model(arch: str = "gpt2", seed: int = 0, **config_kwargs):
     """A randomly initialised tiny causal LM (float32, eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
     tokenizer = build_tiny_tokenizer()
     config = tiny_model_config(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id, **config_kwargs)

@@ -1,0 +1,32 @@
+"""Gymnasium environments for RLHF on language models: one action is one token.
+
+Importing this package registers `rlhf_ray/TextGeneration-v0` (once), so that
+
+    import envs, gymnasium
+    env = gymnasium.make("rlhf_ray/TextGeneration-v0")                  # the built-in toy task
+    env = gymnasium.make("rlhf_ray/TextGeneration-v0", prompts=[...], reward_fn="pkg.mod:fn")
+    vec = gymnasium.make_vec("rlhf_ray/TextGeneration-v0", num_envs=8,
+                             vectorization_mode="vector_entry_point")  # TextGenerationVectorEnv
+
+No Ray and no DeepSpeed here (shared/DESIGN.md: `envs` knows nothing of Ray).
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from envs.builtin import BUILTIN_PROMPTS, SENTIMENT_REWARD, sentiment_reward
+from envs.text_generation import NO_PROMPT, TextGenerationEnv, TextGenerationTask
+from envs.vector import TextGenerationVectorEnv
+
+ENV_ID = "rlhf_ray/TextGeneration-v0"
+
+if ENV_ID not in registry:
+    register(
+        id=ENV_ID,
+        entry_point="envs.text_generation:TextGenerationEnv",
+        vector_entry_point="envs.vector:TextGenerationVectorEnv",
+    )
+
+__all__ = [
+    "BUILTIN_PROMPTS", "ENV_ID", "NO_PROMPT", "SENTIMENT_REWARD", "TextGenerationEnv", "TextGenerationTask",
+    "TextGenerationVectorEnv", "sentiment_reward",
+]

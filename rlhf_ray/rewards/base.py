@@ -1,0 +1,148 @@
+"""Reward functions: one protocol, adapters to it, and the checks every score goes through.
+
+A reward function scores finished episodes in a batch:
+
+    scores = reward(prompts: list[str], responses: list[str])  # np.ndarray float64, shape (n,)
+
+`as_reward_function` turns what a user writes into such a function: a Python callable, an import
+string `"package.module:function"` (what a YAML config holds), or the folder of a Hugging Face
+sequence-classification reward model (`rlhf_ray.rewards.reward_model.RewardModelScorer`). Every
+adapter is a `RewardFunction`, which names the reward and checks what it returned: one finite score
+per item. A NaN reward would silently poison every PPO statistic downstream (advantage whitening
+divides by the batch's standard deviation), so it is an error here, at its source, naming the
+reward and the item.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+
+class RewardError(ValueError):
+    """A reward function that cannot be built, or that returned something other than one finite score per item."""
+
+
+def _callable_name(fn: Callable) -> str:
+    """`module:qualname` of a function, or the type name of another callable object."""
+    name = getattr(fn, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if module and qualname:
+        return f"{module}:{qualname}"
+    return type(fn).__name__
+
+
+def _as_scores(raw: Any) -> np.ndarray:
+    """A numpy float64 array of what a reward function returned (list, numpy array or torch tensor)."""
+    if hasattr(raw, "detach") and hasattr(raw, "cpu"):  # a torch tensor, without importing torch here
+        raw = raw.detach().cpu().float().numpy()
+    return np.asarray(raw, dtype=np.float64)
+
+
+class RewardFunction:
+    """A named reward function whose output is checked: shape (n,), finite, float64.
+
+    Wraps `fn(prompts, responses)`, which may return a list, a numpy array or a torch tensor.
+    An exception raised inside `fn` passes through with a note naming the reward.
+    """
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Any], name: str | None = None):
+        if not callable(fn):
+            raise RewardError(f"a reward function must be callable, got {type(fn).__name__}: {fn!r}")
+        self.fn = fn
+        self.name = name or _callable_name(fn)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        prompts, responses = list(prompts), list(responses)
+        if len(prompts) != len(responses):
+            raise ValueError(f"reward {self.name!r} was given {len(prompts)} prompts but {len(responses)} responses; "
+                             "expected one response per prompt")
+        n = len(prompts)
+        if n == 0:
+            return np.zeros(0, dtype=np.float64)
+        try:
+            raw = self.fn(prompts, responses)
+        except Exception as error:
+            error.add_note(f"(raised while computing reward {self.name!r} of {n} episodes)")
+            raise
+        try:
+            scores = _as_scores(raw)
+        except (TypeError, ValueError) as error:
+            raise RewardError(f"reward {self.name!r} returned {type(raw).__name__} {raw!r:.200}, which is not "
+                              f"a sequence of numbers; expected {n} float scores") from error
+        if scores.shape != (n,):
+            raise RewardError(f"reward {self.name!r} returned scores of shape {scores.shape} for {n} "
+                              f"(prompt, response) pairs; expected shape ({n},), one score per pair")
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            i = int(bad[0])
+            raise RewardError(
+                f"reward {self.name!r} returned a non-finite score ({scores[i]}) for item {i} "
+                f"(prompt {prompts[i]!r:.80}, response {responses[i]!r:.80}); "
+                f"{bad.size} of {n} scores are non-finite, expected all finite"
+            )
+        return scores
+
+    def __repr__(self) -> str:
+        return f"RewardFunction({self.name!r})"
+
+
+RewardSpec = Union[RewardFunction, Callable[[list[str], list[str]], Any], str, os.PathLike]
+
+
+def import_from_string(spec: str) -> Any:
+    """The object named by `"package.module:attribute"` (the attribute may be dotted: `"mod:Class.method"`)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise RewardError(f"reward {spec!r} is not an import string; expected 'package.module:function'")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RewardError(f"reward {spec!r}: cannot import module {module_name!r} ({error}); "
+                          "expected 'package.module:function' with an importable module") from error
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise RewardError(f"reward {spec!r}: module {module_name!r} has no attribute {attribute!r}") from None
+    return target
+
+
+def as_reward_function(spec: RewardSpec, *, name: str | None = None, batch_size: int = 32,
+                       device: str = "cpu") -> RewardFunction:
+    """A `RewardFunction` from a callable, an import string, or a reward-model folder.
+
+    - `RewardFunction`: returned as it is (renamed if `name` is given);
+    - a callable `fn(prompts, responses)`: wrapped;
+    - `"package.module:function"`: imported, then wrapped;
+    - a local folder holding a Hugging Face sequence-classification model with one label: scored by
+      `RewardModelScorer(folder, batch_size=batch_size, device=device)`.
+    """
+    if isinstance(spec, RewardFunction):
+        return spec if name is None else RewardFunction(spec.fn, name)
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            from rlhf_ray.rewards.reward_model import RewardModelScorer
+
+            return RewardFunction(RewardModelScorer(path, batch_size=batch_size, device=device), name or text)
+        if ":" in text and not path.exists():
+            fn = import_from_string(text)
+            if not callable(fn):
+                raise RewardError(f"reward {text!r} names a {type(fn).__name__}, not a function; "
+                                  "expected a callable fn(prompts, responses) -> scores")
+            return RewardFunction(fn, name or text)
+        raise RewardError(f"reward {text!r} is neither an import string 'package.module:function' nor a "
+                          "reward-model folder (a directory written by save_pretrained)")
+    if callable(spec):
+        return RewardFunction(spec, name)
+    raise RewardError(f"cannot make a reward function of {type(spec).__name__} {spec!r}; expected a callable, "
+                      "an import string 'package.module:function', or a reward-model folder")
