@@ -65,3 +65,26 @@ def test_quickstart_learns(tmp_path):
     first = sum(r["rollout/reward_mean"] for r in rows[:5]) / 5
     last = sum(r["rollout/reward_mean"] for r in rows[-5:]) / 5
     assert last > first + 0.3, (first, last)
+
+
+def test_more_learner_workers_than_the_cluster_has_fails_at_once(tmp_path):
+    import ray
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.pipeline.train import TrainingError, train
+
+    config = load_config("experiments/quickstart.yaml", [f"output_dir={tmp_path}", "learner.num_workers=4",
+                                                         "ppo.minibatch_size=16"])
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(TrainingError, match=r"learner.num_workers=4 .* need 6 CPUs, but the Ray cluster has 2"):
+            train(config, progress=False)
+    finally:
+        ray.shutdown()
+
+
+def test_use_gpu_without_a_gpu_fails_with_a_clear_message(tmp_path):
+    proc = run_train(tmp_path, "learner.use_gpu=true")
+    assert proc.returncode == 1
+    assert "learner.use_gpu is true with learner.num_workers=1, but the Ray cluster has 0 GPU(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr

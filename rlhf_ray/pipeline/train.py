@@ -8,6 +8,7 @@ with the reward and the KL of each iteration.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -40,9 +41,28 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
-    # Logical CPUs: enough for every learner rank and rollout worker to be placed on a small machine.
-    needed = config.learner.num_workers + config.rollout.workers.max * config.rollout.num_cpus + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), runtime_env=env, log_to_driver=True)
+    # A local Ray gets the machine's cores, or more logical CPUs when the run asks for more learner
+    # ranks and rollout workers than cores (they then share cores); GPUs are what the machine has.
+    needed = config.learner.num_workers + config.rollout.workers.max * config.rollout.num_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env, log_to_driver=True)
+
+
+def check_resources(config: RunConfig) -> None:
+    """Fail at once, naming the config key, when the cluster can never place the run (not a hang)."""
+    total = ray.cluster_resources()
+    gpus, cpus = total.get("GPU", 0), total.get("CPU", 0)
+    if config.learner.use_gpu and gpus < config.learner.num_workers:
+        raise TrainingError(f"learner.use_gpu is true with learner.num_workers={config.learner.num_workers}, "
+                            f"but the Ray cluster has {gpus:g} GPU(s)")
+    if config.rollout.use_gpu and gpus < config.rollout.workers.min:
+        raise TrainingError(f"rollout.use_gpu is true with rollout.workers.min={config.rollout.workers.min}, "
+                            f"but the Ray cluster has {gpus:g} GPU(s)")
+    learner_cpus = 0 if config.learner.use_gpu else config.learner.num_workers
+    needed = learner_cpus + config.rollout.workers.min * config.rollout.num_cpus
+    if cpus < needed:
+        raise TrainingError(f"learner.num_workers={config.learner.num_workers} and rollout.workers.min="
+                            f"{config.rollout.workers.min} (x rollout.num_cpus={config.rollout.num_cpus:g}) need "
+                            f"{needed:g} CPUs, but the Ray cluster has {cpus:g}")
 
 
 def rollout_pool(config: RunConfig) -> RolloutPool:
@@ -78,6 +98,7 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True) 
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     start_ray(config, address)
+    check_resources(config)
     pool = rollout_pool(config)
     trainer = TorchTrainer(
         ppo_train_loop,
