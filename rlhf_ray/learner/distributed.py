@@ -1,0 +1,72 @@
+"""Process-group helpers for learners that run as Ray Train workers (torch.distributed, gloo or NCCL).
+
+Ray Train's `TorchTrainer` creates the default process group before the training function starts and
+sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; DeepSpeed then adopts
+that group. Nothing here imports DeepSpeed, so the functions work (and are testable) in one process too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def require_process_group() -> str:
+    """The backend of the default process group; a clear error when there is none."""
+    if not is_distributed():
+        raise RuntimeError(
+            "no torch.distributed process group: DeepSpeed engines must be created inside a Ray Train worker "
+            "(TorchTrainer with TorchConfig(backend='gloo') on CPU, 'nccl' on GPU) or after "
+            "torch.distributed.init_process_group()"
+        )
+    return dist.get_backend()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all ranks (a new tensor; the input is left alone)."""
+    total = tensor.detach().clone()
+    if is_distributed():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def global_token_mean_loss(per_token: torch.Tensor, mask: torch.Tensor, total_tokens: torch.Tensor | float | None = None,
+                           gradient_accumulation_steps: int = 1) -> torch.Tensor:
+    """This rank's share of a masked mean over every token of the step, pre-scaled for DeepSpeed.
+
+    DeepSpeed averages gradients over the data-parallel ranks, and `engine.backward` divides the loss by
+    `gradient_accumulation_steps`. A rank whose micro-batch loss is
+    `sum(per_token * mask) / total_tokens * world_size * gradient_accumulation_steps` therefore ends the
+    step with the gradient of `sum over all ranks and micro-batches / total_tokens`: the token mean of the
+    whole batch, whatever the number of tokens on each rank. A plain per-rank `masked_mean` would weight
+    every rank equally instead, which differs as soon as ranks hold different numbers of response tokens.
+
+    `total_tokens` is the number of mask tokens in the whole step (all ranks, all micro-batches); when it is
+    None it is all-reduced from this micro-batch's mask, which is right only without gradient accumulation.
+    The returned value is for `backward`; its number is not the global mean (log `all_reduce_sum` of sums).
+    """
+    if total_tokens is None:
+        total_tokens = all_reduce_sum(mask.sum().to(torch.float64)).item()
+    scale = get_world_size() * gradient_accumulation_steps / max(float(total_tokens), 1.0)
+    return (per_token * mask).sum() * scale
+
+
+def deepspeed_worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment for Ray Train workers (`RunConfig(worker_runtime_env={"env_vars": ...})`).
+
+    DeepSpeed picks its accelerator once, when it is first imported; on a machine with CUDA, CPU workers
+    (use_gpu=False) would otherwise get the CUDA accelerator and a gloo group that does not match it.
+    """
+    return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
