@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     try:
-        run_dir = train(config, address=args.address)
+        run_dir = train(config, address=args.address, fresh=args.fresh)
     except TrainingError as err:
         print(f"rlhf-ray: {err}", file=sys.stderr)
         return 1
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("train", help="run PPO as configured")
     _add_config_arguments(run)
     run.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over, deleting the run folder's checkpoints and metrics (default: resume)")
     run.set_defaults(func=cmd_train)
     show = commands.add_parser("config", help="print the resolved configuration")
     _add_config_arguments(show)

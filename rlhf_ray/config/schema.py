@@ -106,6 +106,7 @@ class LearnerConfig(_Section):
 class TrainConfig(_Section):
     iterations: int = Field(10, ge=1)
     checkpoint_every: int = Field(5, ge=1)  # iterations between checkpoints
+    max_failures: int = Field(2, ge=0)  # learner restarts (from the last checkpoint) before the run fails
 
 
 class RunConfig(_Section):

@@ -22,6 +22,10 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
+from rlhf_ray.checkpoint import (
+    RunState, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_incomplete, save_engines, truncate_metrics,
+    write_run_state,
+)
 from rlhf_ray.config import RunConfig
 from rlhf_ray.learner.distributed import get_rank, get_world_size
 from rlhf_ray.learner.engine import EngineConfig, create_engine, create_reference_engine, gather_full_state_dict
@@ -142,11 +146,25 @@ def ppo_train_loop(loop_config: dict) -> None:
         from rlhf_ray.rollout.run_sampler import prompt_texts
 
         prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(config)]
-        writer = MetricsWriter(run_dir)
         export_model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
 
-    version = 0
-    for iteration in range(config.train.iterations):
+    # Resume: the same command again (or a restart by Ray Train after a lost worker) continues from
+    # the last complete checkpoint; the iterations after it are run again, exactly as they first were.
+    state = RunState(kl_controller=kl_controller.state_dict())
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, actor, critic, generator, rank)
+        kl_controller.load_state_dict(state.kl_controller)
+    state_dict = gather_full_state_dict(actor, dtype=torch.float32)
+    if rank == 0:
+        prune_incomplete(run_dir, keep_after=state.iteration)
+        truncate_metrics(run_dir / "metrics.jsonl", state.iteration)
+        writer = MetricsWriter(run_dir)
+        if latest is not None:
+            print(f"resuming from {latest} (iteration {state.iteration}, policy version {state.policy_version})")
+            pool.set_weights(state_dict, state.policy_version)
+
+    for iteration in range(state.iteration, config.train.iterations):
         started = time.perf_counter()
         episodes = None
         if rank == 0:
@@ -169,27 +187,18 @@ def ppo_train_loop(loop_config: dict) -> None:
 
         t = time.perf_counter()
         state_dict = gather_full_state_dict(actor, dtype=torch.float32)
-        version += 1
+        state = RunState(iteration=iteration + 1, policy_version=state.policy_version + 1,
+                         data_position=(iteration + 1) * config.rollout.batch_size,
+                         kl_controller=kl_controller.state_dict())
         if rank == 0:
-            pool.set_weights(state_dict, version)
+            pool.set_weights(state_dict, state.policy_version)
         sync_s = time.perf_counter() - t  # gather (a collective under ZeRO-3) + broadcast to workers
         learner_tokens = int(reducer.sum(experience.batch.attention_mask.sum())) * config.ppo.epochs
-
-        if (iteration + 1) % config.train.checkpoint_every == 0 or iteration + 1 == config.train.iterations:
-            checkpoint = run_dir / "checkpoints" / f"iter_{iteration + 1:06d}"
-            actor.save_checkpoint(str(checkpoint / "actor"))
-            if critic is not None:
-                critic.save_checkpoint(str(checkpoint / "critic"))
-            if rank == 0:
-                save_policy(export_model, state_dict, tokenizer, checkpoint / "policy")
-                (checkpoint / "run_state.json").write_text(json.dumps({
-                    "iteration": iteration + 1, "policy_version": version, "kl_controller": kl_controller.state_dict(),
-                    "data_position": (iteration + 1) * config.rollout.batch_size}))
 
         if rank == 0:
             response_tokens = int(sum(len(e.response_ids) for e in episodes))
             metrics.update({
-                "iteration": iteration + 1, "policy_version": version, "pool/workers": len(pool),
+                "iteration": state.iteration, "policy_version": state.policy_version, "pool/workers": len(pool),
                 "perf/rollout_s": rollout_s, **rollout_timing(episodes), "perf/experience_s": experience_s,
                 "perf/update_s": update_s, "perf/sync_s": sync_s,
                 "perf/iteration_s": time.perf_counter() - started,
@@ -197,5 +206,14 @@ def ppo_train_loop(loop_config: dict) -> None:
                 "perf/learner_tokens_per_s": learner_tokens / max(update_s, 1e-9),
             })
             writer.write(metrics)
+
+        if state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations:
+            path = checkpoint_dir(run_dir, state.iteration)
+            save_engines(path, actor, critic, generator, rank)
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                save_policy(export_model, state_dict, tokenizer, path / "policy")
+                write_run_state(path, state)
     if rank == 0:
         save_policy(export_model, state_dict, tokenizer, run_dir / "policy")

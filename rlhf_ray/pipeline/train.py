@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import ray
 from ray.train import RunConfig as TrainRunConfig
-from ray.train import ScalingConfig
+from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rlhf_ray.config import RunConfig, dump_config
@@ -76,26 +77,35 @@ def follow_metrics(path: Path, total: int, done: threading.Event) -> None:
     """A progress bar over iterations, fed by the lines rank 0 appends to metrics.jsonl."""
     from tqdm import tqdm
 
-    seen = 0
+    shown = None
     with tqdm(total=total, desc="ppo", unit="it", dynamic_ncols=True) as bar:
-        while not done.is_set() or seen < total:
+        while True:
             lines = path.read_text().splitlines() if path.exists() else []
-            for line in lines[seen:]:
-                metrics = json.loads(line)
+            if lines and lines[-1] != shown:  # a resumed run rewrites the file: follow its last line
+                shown, metrics = lines[-1], json.loads(lines[-1])
+                bar.n = metrics["iteration"]
                 bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:+.3f}", kl=f"{metrics['objective/kl']:.3f}",
                                 workers=metrics["pool/workers"])
-                bar.update(1)
-            seen = len(lines)
             if done.is_set():
                 break
             time.sleep(0.5)
 
 
-def train(config: RunConfig, address: str | None = None, progress: bool = True) -> Path:
-    """Run PPO as configured; returns the run folder (`output_dir/name`)."""
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "policy", "ray_train")
+
+
+def train(config: RunConfig, address: str | None = None, progress: bool = True, fresh: bool = False) -> Path:
+    """Run PPO as configured; returns the run folder (`output_dir/name`).
+
+    A run folder with a complete checkpoint is resumed from it (see `rlhf_ray.checkpoint`);
+    `fresh=True` deletes the folder's earlier outputs first.
+    """
     run_dir = (Path(config.output_dir) / config.name).resolve()
+    if fresh:
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     start_ray(config, address)
     check_resources(config)
@@ -105,7 +115,9 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True) 
         train_loop_config={"config": config.model_dump(mode="json"), "pool": pool, "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=config.learner.num_workers, use_gpu=config.learner.use_gpu),
         torch_config=TorchConfig(backend="nccl" if config.learner.use_gpu else "gloo"),
-        run_config=TrainRunConfig(name="learner", storage_path=str(run_dir / "ray_train")),
+        run_config=TrainRunConfig(name="learner", storage_path=str(run_dir / "ray_train"),
+                                  # a lost learner worker or node: restart the group from the last checkpoint
+                                  failure_config=FailureConfig(max_failures=config.train.max_failures)),
     )
     done = threading.Event()
     follower = threading.Thread(target=follow_metrics, args=(run_dir / "metrics.jsonl", config.train.iterations, done),
