@@ -43,6 +43,7 @@ def test_pool_returns_every_episode_once_as_one_sampler_would(local_ray, tiny_mo
     prompt_ids, seeds = prompts_and_seeds(tokenizer, 10)
     pool = make_pool(tiny_model_dir, workers=3)
     try:
+        pool.wait_ready(timeout=None)
         episodes = pool.generate(prompt_ids, seeds)
     finally:
         pool.shutdown()
@@ -79,6 +80,7 @@ def test_dead_worker_prompts_are_requeued(local_ray, tiny_model_dir, policy):
     prompt_ids, seeds = prompts_and_seeds(tokenizer, 8)
     pool = make_pool(tiny_model_dir, workers=2)
     try:
+        pool.wait_ready(timeout=None)
         reference = pool.generate(prompt_ids, seeds)
         ray.kill(pool.workers[next(iter(pool.workers))], no_restart=True)  # the pool does not know yet
         episodes = pool.generate(prompt_ids, seeds)
@@ -96,6 +98,7 @@ def test_workers_join_and_leave_between_calls(local_ray, tiny_model_dir, policy)
     try:
         one = pool.generate(prompt_ids, seeds)
         pool.add_worker()
+        pool.wait_ready(timeout=None)
         two = pool.generate(prompt_ids, seeds)
         pool.remove_worker()
         again = pool.generate(prompt_ids, seeds)

@@ -46,6 +46,7 @@ class RolloutConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     workers: WorkersConfig = WorkersConfig()
     num_cpus: float = Field(1.0, gt=0.0)  # Ray CPUs reserved by each rollout worker
+    resources: dict[str, float] = {}  # custom Ray resources per worker, e.g. {rollout_node: 1}
     use_gpu: bool = False
 
 

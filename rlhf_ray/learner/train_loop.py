@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
@@ -32,6 +33,7 @@ from rlhf_ray.learner.engine import EngineConfig, create_engine, create_referenc
 from rlhf_ray.learner.ppo import Reducer, make_experience, ppo_update
 from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.value import ValueModel
+from rlhf_ray.rollout.elastic import desired_workers
 from rlhf_ray.rollout.sampler import episode_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +70,14 @@ def iteration_prompts(config: RunConfig, prompt_ids: list[list[int]], iteration:
     indices = [(start + i) % len(prompt_ids) for i in range(size) for _ in range(group)]
     seeds = [episode_seed(config.seed, iteration, j) for j in range(size * group)]
     return [prompt_ids[i] for i in indices], seeds
+
+
+def scale_pool(pool, control, config: RunConfig) -> None:
+    """Grow or shrink the rollout pool towards what the run wants now (`rollout/elastic.py`)."""
+    pool.wait_ready(0)
+    target = ray.get(control.rollout_target.remote())
+    workers = config.rollout.workers
+    pool.resize(desired_workers(pool.size, workers.min, workers.max, target, ray.available_resources(), pool.demand))
 
 
 def broadcast_episodes(episodes, rank: int):
@@ -116,7 +126,7 @@ def save_policy(export_model, state_dict, tokenizer, path: Path) -> None:
 
 def ppo_train_loop(loop_config: dict) -> None:
     config = RunConfig.model_validate(loop_config["config"])
-    pool = loop_config["pool"]
+    pool, control = loop_config["pool"], loop_config["control"]
     run_dir = Path(loop_config["run_dir"])
     rank, world = get_rank(), get_world_size()
     reducer = DistributedReducer()
@@ -168,8 +178,10 @@ def ppo_train_loop(loop_config: dict) -> None:
         started = time.perf_counter()
         episodes = None
         if rank == 0:
+            scale_pool(pool, control, config)
             prompts, seeds = iteration_prompts(config, prompt_ids, iteration)
             episodes = pool.generate(prompts, seeds)
+            control.report_workers.remote(len(pool))
         rollout_s = time.perf_counter() - started
         episodes = broadcast_episodes(episodes, rank)
         per_rank = len(episodes) // world

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import ray
+from ray.autoscaler.sdk import request_resources
 from ray.train import RunConfig as TrainRunConfig
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -23,6 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.learner.distributed import deepspeed_worker_env
 from rlhf_ray.learner.train_loop import ppo_train_loop
+from rlhf_ray.rollout.elastic import start_control
 from rlhf_ray.rollout.pool import RolloutPool, WorkerSpec
 from rlhf_ray.rollout.run_sampler import sampling_params
 
@@ -69,7 +71,8 @@ def check_resources(config: RunConfig) -> None:
 def rollout_pool(config: RunConfig) -> RolloutPool:
     spec = WorkerSpec(policy=config.model.policy, reward=config.reward.function, params=sampling_params(config),
                       max_length=config.rollout.max_length, dtype=config.model.dtype,
-                      use_gpu=config.rollout.use_gpu, num_cpus=config.rollout.num_cpus)
+                      use_gpu=config.rollout.use_gpu, num_cpus=config.rollout.num_cpus,
+                      actor_options={"resources": dict(config.rollout.resources)} if config.rollout.resources else {})
     return RolloutPool(spec, num_workers=config.rollout.workers.min, name=f"{config.name}-rollout")
 
 
@@ -109,10 +112,15 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
     (run_dir / "config.yaml").write_text(dump_config(config))
     start_ray(config, address)
     check_resources(config)
+    workers = config.rollout.workers
+    control = start_control(config.name, workers.min, workers.max)
     pool = rollout_pool(config)
+    # ask an autoscaling cluster for room for the largest pool (a no-op where nothing autoscales)
+    request_resources(bundles=[pool.demand] * workers.max)
     trainer = TorchTrainer(
         ppo_train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "pool": pool, "run_dir": str(run_dir)},
+        train_loop_config={"config": config.model_dump(mode="json"), "pool": pool, "control": control,
+                           "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=config.learner.num_workers, use_gpu=config.learner.use_gpu),
         torch_config=TorchConfig(backend="nccl" if config.learner.use_gpu else "gloo"),
         run_config=TrainRunConfig(name="learner", storage_path=str(run_dir / "ray_train"),
@@ -133,4 +141,5 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
         if progress:
             follower.join(timeout=5)
         pool.shutdown()
+        ray.kill(control)
     return run_dir

@@ -39,12 +39,17 @@ class WorkerSpec:
 
 
 class RolloutPool:
-    """A set of `RolloutWorker` actors behind one `generate` call."""
+    """A set of `RolloutWorker` actors behind one `generate` call.
+
+    A new worker is "starting" until its constructor (model load) has run; only ready workers get
+    chunks, so a worker the cluster cannot place yet never holds up an iteration.
+    """
 
     def __init__(self, spec: WorkerSpec, num_workers: int = 1, name: str = "rollout"):
         self.spec = spec
         self.name = name
-        self.workers: dict[str, ray.actor.ActorHandle] = {}
+        self.workers: dict[str, ray.actor.ActorHandle] = {}  # ready
+        self.starting: dict[str, tuple[ray.actor.ActorHandle, ray.ObjectRef]] = {}
         self._ids = itertools.count()
         self._weights_ref = None  # the latest weights, for workers that join later
         self.policy_version = 0
@@ -55,8 +60,22 @@ class RolloutPool:
     def __len__(self) -> int:
         return len(self.workers)
 
+    @property
+    def size(self) -> int:
+        """Ready and starting workers."""
+        return len(self.workers) + len(self.starting)
+
+    @property
+    def demand(self) -> dict[str, float]:
+        """The Ray resources one worker takes."""
+        demand = {"CPU": self.spec.num_cpus, **self.spec.actor_options.get("resources", {})}
+        if self.spec.use_gpu:
+            demand["GPU"] = 1
+        return {name: amount for name, amount in demand.items() if amount}
+
     # -- membership ------------------------------------------------------------------------------
     def add_worker(self) -> str:
+        """Start a worker; it takes chunks once it is ready (see `wait_ready`)."""
         worker_id = f"{self.name}-{next(self._ids)}"
         options = {"num_cpus": self.spec.num_cpus, "num_gpus": 1 if self.spec.use_gpu else 0,
                    "max_restarts": 0, **self.spec.actor_options}
@@ -65,32 +84,70 @@ class RolloutPool:
             self.spec.dtype, self.spec.use_gpu)
         if self._weights_ref is not None:  # catch up with the learner before the first chunk
             handle.set_weights.remote(self._weights_ref, self.policy_version)
-        self.workers[worker_id] = handle
+        self.starting[worker_id] = (handle, handle.info.remote())
         return worker_id
 
     def remove_worker(self, worker_id: str | None = None) -> str:
-        """Stop one worker (the newest when none is named) and forget it."""
-        if not self.workers:
-            raise ValueError("the pool has no worker to remove")
-        worker_id = worker_id or next(reversed(self.workers))
-        ray.kill(self.workers.pop(worker_id), no_restart=True)
+        """Stop one worker (a starting one first, else the newest, when none is named) and forget it."""
+        if worker_id is None:
+            if not self.size:
+                raise ValueError("the pool has no worker to remove")
+            worker_id = next(reversed(self.starting)) if self.starting else next(reversed(self.workers))
+        handle = self.workers.pop(worker_id, None) or self.starting.pop(worker_id)[0]
+        ray.kill(handle, no_restart=True)
         return worker_id
+
+    def resize(self, target: int) -> None:
+        """Start or stop workers until ready + starting = `target`."""
+        while self.size < target:
+            self.add_worker()
+        while self.size > target:
+            self.remove_worker()
+
+    def wait_ready(self, timeout: float | None = 0.0) -> None:
+        """Move starting workers that are ready into the pool; wait up to `timeout` (None: all)."""
+        if not self.starting:
+            return
+        refs = {ref: worker_id for worker_id, (_, ref) in self.starting.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        for ref in ready:
+            worker_id = refs[ref]
+            handle, _ = self.starting.pop(worker_id)
+            try:
+                ray.get(ref)
+            except WORKER_LOST:
+                logger.warning("rollout worker %s died while starting", worker_id)
+                continue
+            self.workers[worker_id] = handle
 
     def _drop_dead(self, worker_id: str) -> None:
         if self.workers.pop(worker_id, None) is not None:
             logger.warning("rollout worker %s died; its prompts go to live workers", worker_id)
 
     def shutdown(self) -> None:
-        for worker_id in list(self.workers):
+        for worker_id in [*self.workers, *self.starting]:
             self.remove_worker(worker_id)
+
+    def _ensure_ready_worker(self, timeout: float = 600.0) -> None:
+        """At least one ready worker, starting one when none is on the way."""
+        self.wait_ready(0)
+        deadline = time.monotonic() + timeout
+        while not self.workers:
+            if not self.starting:
+                self.add_worker()
+            ref = next(iter(self.starting.values()))[1]
+            ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+            self.wait_ready(0)
+            if not self.workers and time.monotonic() >= deadline:
+                raise TimeoutError(f"no rollout worker became ready in {timeout:.0f} s: the cluster has no room "
+                                   f"for one (each needs {self.demand}; free: {ray.available_resources()})")
 
     # -- work --------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Episode]:
         """One episode per prompt, in prompt order, each exactly once, whatever workers die meanwhile."""
         if len(prompt_ids) != len(seeds):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(seeds)} seeds")
-        if not self.workers:
-            self.add_worker()
+        self._ensure_ready_worker()
         bounds = np.linspace(0, len(prompt_ids), len(self.workers) + 1).astype(int)
         pending = {}  # ObjectRef -> (worker_id, start, end)
         for worker_id, start, end in zip(list(self.workers), bounds[:-1], bounds[1:]):
@@ -113,19 +170,22 @@ class RolloutPool:
         return self.workers[worker_id].generate.remote(prompt_ids[start:end], seeds[start:end], self.policy_version)
 
     def _live_worker(self, exclude: set[str]) -> str:
-        """An idle live worker if there is one, else any live worker, else a new one."""
+        """An idle ready worker if there is one, else any ready worker, else one that becomes ready."""
+        self.wait_ready(0)
         idle = [w for w in self.workers if w not in exclude]
         if idle:
             return idle[0]
-        if self.workers:
-            return next(iter(self.workers))
-        return self.add_worker()
+        if not self.workers:
+            self._ensure_ready_worker()
+        return next(iter(self.workers))
 
     def set_weights(self, state_dict, version: int) -> float:
         """Send new weights to every live worker through one shared object-store copy; seconds taken."""
         start = time.perf_counter()
         self._weights_ref = ray.put(state_dict)
         self.policy_version = version
+        for handle, _ in self.starting.values():  # runs after their constructor, before any chunk
+            handle.set_weights.remote(self._weights_ref, version)
         calls = {worker_id: w.set_weights.remote(self._weights_ref, version) for worker_id, w in self.workers.items()}
         for worker_id, ref in calls.items():
             try:
@@ -135,4 +195,5 @@ class RolloutPool:
         return time.perf_counter() - start
 
     def weights_digests(self) -> dict[str, str]:
+        self.wait_ready(timeout=None)
         return dict(zip(self.workers, ray.get([w.weights_digest.remote() for w in self.workers.values()])))

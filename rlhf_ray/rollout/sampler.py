@@ -91,10 +91,15 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     """Token ids drawn from unnormalised `probs` (B, V) with one uniform per row (B,)."""
     cdf = torch.cumsum(probs, dim=-1)  # (B, V)
     targets = (uniforms * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
-    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    # rounding can put the target at the very end of the cdf; fall back to the last token with mass
-    last_nonzero = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).int(), dim=-1)
-    return torch.minimum(tokens, last_nonzero)
+    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)  # (B,) in [0, V]
+    # Rounding can put the target at the very end of the cdf (token V); fall back to the last token
+    # with mass. Any other result already has mass, so the (B, V) scan runs only when a row overflowed.
+    overflow = tokens >= probs.shape[-1]
+    if overflow.any():
+        rows = probs[overflow]  # (O, V)
+        last_nonzero = rows.shape[-1] - 1 - torch.argmax((rows.flip(-1) > 0).int(), dim=-1)
+        tokens = tokens.masked_scatter(overflow, last_nonzero)
+    return tokens
 
 
 def left_pad(sequences: list[np.ndarray] | list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +132,7 @@ class Sampler:
         self.params = params
         self.max_length = max_length  # context limit; None: longest prompt + max_new_tokens
         self.last_reward_s = 0.0  # seconds spent in the reward function by the last `generate`
+        self._cached_env: tuple[tuple, TextGenerationVectorEnv] | None = None  # (shape key, env) of the last call
 
     def _timed_reward(self, prompts: list[str], responses: list[str]):
         start = time.perf_counter()
@@ -139,7 +145,21 @@ class Sampler:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
+    def _env(self, batch: int, max_length: int) -> TextGenerationVectorEnv:
+        """The vector env for `batch` episodes; kept between calls of the same shape, since building one
+        (spaces, seeding, tokenizing its default prompts) costs as much as a few decoding steps and
+        `reset` rewrites every array of its state."""
+        key = (batch, max_length, self.params.max_new_tokens, id(self.tokenizer))
+        if self._cached_env is None or self._cached_env[0] != key:
+            env = TextGenerationVectorEnv(
+                num_envs=batch, tokenizer=self.tokenizer, reward_fn=self._env_reward,
+                max_new_tokens=self.params.max_new_tokens, max_length=max_length,
+                autoreset_mode=AutoresetMode.DISABLED, copy=False,
+            )
+            self._cached_env = (key, env)
+        return self._cached_env[1]
+
+    @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]] | list[np.ndarray], seeds: list[int]) -> list[Episode]:
         """Sample one episode per prompt; `seeds[b]` alone decides the randomness of episode b."""
         if len(prompt_ids) != len(seeds):
@@ -147,50 +167,60 @@ class Sampler:
         if not prompt_ids:
             return []
         params, pad_id = self.params, self.tokenizer.pad_token_id
-        batch = len(prompt_ids)
-        max_length = self.max_length or max(len(p) for p in prompt_ids) + params.max_new_tokens
-        env = TextGenerationVectorEnv(
-            num_envs=batch, tokenizer=self.tokenizer, reward_fn=self._env_reward,
-            max_new_tokens=params.max_new_tokens, max_length=max_length,
-            autoreset_mode=AutoresetMode.DISABLED, copy=False,
-        )
+        batch, new_tokens = len(prompt_ids), params.max_new_tokens
+        max_length = self.max_length or max(len(p) for p in prompt_ids) + new_tokens
+        env = self._env(batch, max_length)
         self.last_reward_s = 0.0
         env.reset(options={"prompt_ids": [list(map(int, p)) for p in prompt_ids]})
 
         device = self.device
-        uniforms = torch.as_tensor(episode_uniforms(list(seeds), params.max_new_tokens), dtype=torch.float32)
-        input_ids, attention_mask = left_pad(prompt_ids, pad_id)  # (B, P)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = position_ids_from_mask(attention_mask)
-        logprobs = np.zeros((batch, params.max_new_tokens), dtype=np.float32)  # (B, R)
-        responses = np.full((batch, params.max_new_tokens), pad_id, dtype=np.int64)  # (B, R)
+        uniforms = torch.as_tensor(episode_uniforms(list(seeds), new_tokens), dtype=torch.float32).to(device)  # (B, R)
+        input_ids, prompt_mask = left_pad(prompt_ids, pad_id)  # (B, P)
+        prompt_width = input_ids.shape[1]
+        input_ids = input_ids.to(device)
+        # The mask of the whole episode, allocated once: step t attends to the first P + t columns, a
+        # view, instead of a new (B, P + t) tensor from torch.cat every step. Finished rows keep 1s:
+        # their filler tokens are never read.
+        attention_mask = torch.ones((batch, prompt_width + new_tokens), dtype=torch.long, device=device)  # (B, P + R)
+        attention_mask[:, :prompt_width] = prompt_mask
+        position_ids = position_ids_from_mask(attention_mask[:, :prompt_width])  # (B, P)
+        step_logprobs = torch.zeros((batch, new_tokens), dtype=torch.float32, device=device)  # (B, R)
+        responses = np.full((batch, new_tokens), pad_id, dtype=np.int64)  # (B, R)
         response_lengths = np.zeros(batch, dtype=np.int64)  # (B,)
         done = np.zeros(batch, dtype=bool)
         rewards = np.zeros(batch, dtype=np.float64)
         eos = np.zeros(batch, dtype=bool)
         texts: list[tuple[str, str] | None] = [None] * batch
-        pad_actions = torch.full((batch,), pad_id, dtype=torch.long, device=device)
 
+        forward_kwargs = {"use_cache": True}
+        forward_params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed `past_key_values` to `cache` (argument and output)
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        past = None
-        for step in range(params.max_new_tokens):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=True, **{cache_arg: past})
-            past = out[cache_arg] if cache_arg in out else out.past_key_values
-            logits = out.logits[:, -1, :].float() / params.temperature  # (B, V)
-            step_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+        cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        forward_kwargs[cache_arg] = None
+        if "logits_to_keep" in forward_params:
+            # only the last position's logits are sampled from: skips the (B, P, V) output layer in
+            # the prefill, as HF `generate` does
+            forward_kwargs["logits_to_keep"] = 1
+        for step in range(new_tokens):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask[:, :prompt_width + step],
+                             position_ids=position_ids, **forward_kwargs)
+            forward_kwargs[cache_arg] = out[cache_arg] if cache_arg in out else out.past_key_values
+            logits = out.logits[:, -1, :].float()  # (B, V)
+            if params.temperature != 1.0:  # x / 1.0 == x: skip a (B, V) pass
+                logits = logits / params.temperature
+            logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
             if params.greedy:
-                tokens = torch.argmax(logits, dim=-1)
+                tokens = torch.argmax(logits, dim=-1)  # (B,)
             else:
-                probs = filter_top_k_top_p(step_logprobs.exp(), params.top_k, params.top_p)
-                tokens = inverse_cdf_sample(probs, uniforms[:, step].to(device))
-            active = torch.as_tensor(~done, device=device)
-            tokens = torch.where(active, tokens, pad_actions)  # (B,)
-            logprobs[:, step] = step_logprobs.gather(-1, tokens[:, None]).squeeze(-1).cpu().numpy()
-            actions = tokens.cpu().numpy()
-            responses[~done, step] = actions[~done]
-            response_lengths += ~done
+                probs = filter_top_k_top_p(logprobs.exp(), params.top_k, params.top_p)
+                tokens = inverse_cdf_sample(probs, uniforms[:, step])  # (B,)
+            if done.any():  # finished envs ignore their action; send the pad token as filler
+                tokens = tokens.masked_fill(torch.from_numpy(done).to(device), pad_id)
+            step_logprobs[:, step] = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+            actions = tokens.cpu().numpy()  # (B,) the one device-to-host copy of a step
+            active = ~done
+            responses[active, step] = actions[active]
+            response_lengths += active
 
             _, step_rewards, terminated, truncated, infos = env.step(actions)
             finished = terminated | truncated
@@ -203,9 +233,9 @@ class Sampler:
             if done.all():
                 break
             input_ids = tokens[:, None]  # (B, 1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], dim=-1)
-            position_ids = position_ids[:, -1:] + 1
+            position_ids = position_ids[:, -1:] + 1  # (B, 1)
 
+        logprobs = step_logprobs.cpu().numpy()  # (B, R)
         episodes = []
         for b in range(batch):
             length = int(response_lengths[b])
