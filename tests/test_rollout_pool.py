@@ -1,6 +1,7 @@
 """Rollout workers and the pool on a real local Ray: every episode once, weight sync, lost workers."""
 
 import copy
+import time
 
 import pytest
 import ray
@@ -108,3 +109,40 @@ def test_workers_join_and_leave_between_calls(local_ray, tiny_model_dir, policy)
     assert len({e.worker_id for e in two}) == 2
     tokens = [[e.response_ids.tolist() for e in batch] for batch in (one, two, again)]
     assert tokens[0] == tokens[1] == tokens[2]
+
+
+def slow_sentiment_reward(prompts, responses):
+    """The built-in reward behind a slow scorer, so that a chunk takes long enough to be interrupted."""
+    import time
+
+    time.sleep(3.0)
+    return sentiment_reward(prompts, responses)
+
+
+def test_worker_killed_in_the_middle_of_a_chunk_loses_no_prompt(local_ray, tiny_model_dir, policy):
+    import sys
+    import threading
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    _, tokenizer = policy
+    prompt_ids, seeds = prompts_and_seeds(tokenizer, 8)
+    spec = WorkerSpec(policy=str(tiny_model_dir), reward=slow_sentiment_reward, params=PARAMS, num_cpus=0.5)
+    pool = RolloutPool(spec, num_workers=2)
+    result = {}
+    try:
+        pool.wait_ready(timeout=None)
+        victim = pool.workers[next(iter(pool.workers))]
+        thread = threading.Thread(target=lambda: result.setdefault("episodes", pool.generate(prompt_ids, seeds)))
+        thread.start()
+        time.sleep(1.0)  # both chunks are being scored now
+        ray.kill(victim, no_restart=True)
+        thread.join(timeout=120)
+        assert pool.requeued_chunks == 1 and len(pool) == 1
+    finally:
+        pool.shutdown()
+    episodes = result["episodes"]
+    assert [e.seed for e in episodes] == seeds  # every prompt once, in order
+    expected = Sampler(*policy, sentiment_reward, PARAMS).generate(prompt_ids, seeds)
+    assert [e.reward for e in episodes] == [e.reward for e in expected]
