@@ -51,3 +51,29 @@ def test_killed_driver_resumes_exactly_from_the_last_checkpoint(tmp_path):
     for want, have in zip(expected, got):
         for name in COMPARED:
             assert have[name] == pytest.approx(want[name], rel=1e-4, abs=1e-6), (have["iteration"], name)
+
+
+def test_lost_learner_worker_restarts_from_the_last_checkpoint(tmp_path):
+    import psutil
+
+    proc = subprocess.Popen(command(tmp_path, "learner_loss"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    metrics = tmp_path / "learner_loss" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        # the learner rank of this run (its Ray processes share the driver's session)
+        learners = [p for p in psutil.process_iter(["pid", "cmdline"])
+                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and os.getsid(p.info["pid"]) == proc.pid]
+        assert len(learners) == 1
+        learners[0].kill()
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    got = rows(tmp_path / "learner_loss")
+    assert [r["iteration"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["policy_version"] for r in got] == [1, 2, 3, 4, 5, 6]
