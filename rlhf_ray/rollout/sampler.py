@@ -12,10 +12,22 @@ Details that decide whether PPO trains (shared/PPO_DETAILS.md):
   (top-k/top-p only decide which token is drawn);
 - each episode's randomness is a stream of uniforms derived from its own seed, so an episode's
   tokens do not depend on which other prompts share its batch or worker.
+
+What keeps it fast (shared/DESIGN.md, "What is hard"; experiments/bench_rollout.py measures it against
+HF `generate`), none of which changes a token or a log-probability:
+- the output layer runs on the last position only (`logits_to_keep=1`, as `generate` does);
+- the KV cache and the attention mask are allocated once per batch for prompt + response and
+  filled in place (no `torch.cat` per step), and for plain causal models under SDPA the decoding
+  step's 4D mask is handed over ready-made instead of being rebuilt by the model every step;
+- per step, one (B, V) log-softmax, one device-to-host copy (the actions the env needs), and the
+  (B, V) tensors are freed before the next forward pass; the division by a temperature of 1 and
+  the top-k/top-p passes are skipped when they would change nothing;
+- the vector env is built once per batch shape and reset, not rebuilt, for each batch.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -104,19 +116,92 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 
 def left_pad(sequences: list[np.ndarray] | list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (B, T) token ids and attention mask of variable-length sequences."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq):] = torch.as_tensor(np.asarray(seq), dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))  # (B,)
+    width = int(lengths.max())
+    mask = np.arange(width)[None, :] >= (width - lengths)[:, None]  # (B, T) True on real tokens
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    # boolean assignment fills row by row, left to right: the order of the concatenated sequences
+    ids[mask] = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences])
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, as HF `generate` does for left padding."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# Model types whose forward builds its attention mask with `create_causal_mask` alone (full attention:
+# no sliding window, no extra mask functions). Under SDPA, HF's mask for a one-token decoding step is
+# then the boolean padding mask as (B, 1, 1, kv), and a 4D mask is used as given: the sampler hands a
+# view of one preallocated mask over instead of having the model rebuild it every step.
+PLAIN_CAUSAL_MASK_MODEL_TYPES = frozenset({"gpt2", "llama"})
+
+
+@functools.lru_cache(maxsize=None)
+def forward_parameters(model_class: type) -> frozenset[str]:
+    """The argument names of a model class's `forward`, looked up once per class, not per call."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def takes_ready_decode_mask(model) -> bool:
+    """Whether `model` can be given a prebuilt (B, 1, 1, kv) boolean mask in one-token decoding steps."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "_attn_implementation", None) == "sdpa"
+            and getattr(config, "model_type", None) in PLAIN_CAUSAL_MASK_MODEL_TYPES)
+
+
+@functools.lru_cache(maxsize=None)
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values are views of buffers sized for the whole episode: a
+        step writes its new positions in place instead of copying the whole cache with `torch.cat`
+        (a copy per layer per step that grows with the sequence)."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity  # positions the buffers hold: prompt width + max_new_tokens
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                batch, heads, _, key_dim = key_states.shape  # (B, H, T, D)
+                self.device = key_states.device
+                self._key_buffer = key_states.new_empty((batch, heads, self.capacity, key_dim))
+                self._value_buffer = value_states.new_empty(
+                    (batch, value_states.shape[1], self.capacity, value_states.shape[-1]))
+                self.length = 0
+                self.is_initialized = True
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"the KV cache holds {self.capacity} positions; a step asked for {end}")
+            self._key_buffer[:, :, self.length:end] = key_states
+            self._value_buffer[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys = self._key_buffer[:, :, :end]  # (B, H, end, D) views
+            self.values = self._value_buffer[:, :, :end]
+            return self.keys, self.values
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(model, capacity: int):
+    """A `DynamicCache` for `model` whose layers write into buffers of `capacity` positions, or None
+    (the model then makes its own cache) where this transformers version or model has other layers."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = DynamicCache(config=config)
+    except (ImportError, TypeError, ValueError, AttributeError):  # older transformers, unusual configs
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):  # sliding window, linear attention...
+        return None
+    cache.layers = [_preallocated_layer_class()(capacity) for _ in layers]
+    return cache
 
 
 class Sampler:
@@ -174,7 +259,9 @@ class Sampler:
         env.reset(options={"prompt_ids": [list(map(int, p)) for p in prompt_ids]})
 
         device = self.device
-        uniforms = torch.as_tensor(episode_uniforms(list(seeds), new_tokens), dtype=torch.float32).to(device)  # (B, R)
+        uniforms = None  # (B, R); greedy draws nothing
+        if not params.greedy:
+            uniforms = torch.as_tensor(episode_uniforms(list(seeds), new_tokens), dtype=torch.float32).to(device)
         input_ids, prompt_mask = left_pad(prompt_ids, pad_id)  # (B, P)
         prompt_width = input_ids.shape[1]
         input_ids = input_ids.to(device)
@@ -184,6 +271,9 @@ class Sampler:
         attention_mask = torch.ones((batch, prompt_width + new_tokens), dtype=torch.long, device=device)  # (B, P + R)
         attention_mask[:, :prompt_width] = prompt_mask
         position_ids = position_ids_from_mask(attention_mask[:, :prompt_width])  # (B, P)
+        # Without left padding HF skips the decoding mask anyway (SDPA needs none for one query token).
+        decode_mask = (attention_mask.bool()[:, None, None, :]  # (B, 1, 1, P + R)
+                       if takes_ready_decode_mask(self.model) and not bool(prompt_mask.all()) else None)
         step_logprobs = torch.zeros((batch, new_tokens), dtype=torch.float32, device=device)  # (B, R)
         responses = np.full((batch, new_tokens), pad_id, dtype=np.int64)  # (B, R)
         response_lengths = np.zeros(batch, dtype=np.int64)  # (B,)
@@ -193,17 +283,20 @@ class Sampler:
         texts: list[tuple[str, str] | None] = [None] * batch
 
         forward_kwargs = {"use_cache": True}
-        forward_params = inspect.signature(self.model.forward).parameters
+        forward_params = forward_parameters(type(self.model))
         # transformers 5 renamed `past_key_values` to `cache` (argument and output)
         cache_arg = "cache" if "cache" in forward_params else "past_key_values"
-        forward_kwargs[cache_arg] = None
+        forward_kwargs[cache_arg] = preallocated_cache(self.model, prompt_width + new_tokens)
         if "logits_to_keep" in forward_params:
             # only the last position's logits are sampled from: skips the (B, P, V) output layer in
             # the prefill, as HF `generate` does
             forward_kwargs["logits_to_keep"] = 1
         for step in range(new_tokens):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask[:, :prompt_width + step],
-                             position_ids=position_ids, **forward_kwargs)
+            width = prompt_width + step  # tokens the model has seen after this step's input
+            step_mask = (attention_mask[:, :width] if step == 0 or decode_mask is None
+                         else decode_mask[..., :width])  # (B, P + t) or (B, 1, 1, P + t)
+            out = self.model(input_ids=input_ids, attention_mask=step_mask, position_ids=position_ids,
+                             **forward_kwargs)
             forward_kwargs[cache_arg] = out[cache_arg] if cache_arg in out else out.past_key_values
             logits = out.logits[:, -1, :].float()  # (B, V)
             if params.temperature != 1.0:  # x / 1.0 == x: skip a (B, V) pass
@@ -212,11 +305,16 @@ class Sampler:
             if params.greedy:
                 tokens = torch.argmax(logits, dim=-1)  # (B,)
             else:
-                probs = filter_top_k_top_p(logprobs.exp(), params.top_k, params.top_p)
+                probs = filter_top_k_top_p(logprobs.exp(), params.top_k, params.top_p)  # (B, V)
                 tokens = inverse_cdf_sample(probs, uniforms[:, step])  # (B,)
+                del probs
             if done.any():  # finished envs ignore their action; send the pad token as filler
                 tokens = tokens.masked_fill(torch.from_numpy(done).to(device), pad_id)
             step_logprobs[:, step] = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+            # free the (B, V) tensors now, not when the next step rebinds the names: the allocator can then
+            # give their memory to the next step's logits instead of mapping fresh pages (as HF `generate`
+            # does with `del outputs`)
+            del out, logits, logprobs
             actions = tokens.cpu().numpy()  # (B,) the one device-to-host copy of a step
             active = ~done
             responses[active, step] = actions[active]
