@@ -2,7 +2,12 @@
 
     rlhf-ray train CONFIG [key=value ...] [--address ADDR]   run PPO; outputs in runs/<name>/
     rlhf-ray config CONFIG [key=value ...]     print the resolved configuration
+    rlhf-ray submit CONFIG --address http://HEAD:8265 [--no-wait] [key=value ...]   train as a Ray Job
+    rlhf-ray jobs status|logs|stop|list ...    follow submitted jobs
+    rlhf-ray scale RUN --rollout-workers K     change a running run's rollout workers
     rlhf-ray sample CONFIG [key=value ...]     sample a batch of episodes from the policy and score them
+    rlhf-ray serve POLICY [--port P --replicas MIN:MAX --api-key KEY]   OpenAI-compatible server + feedback
+    rlhf-ray feedback export DB [--out DIR]   preference dataset and rating statistics of the feedback
 
 Configuration errors (unknown key, wrong type, missing file) print one message naming the key and
 exit with status 2, the habit of command-line tools for usage errors.
@@ -15,6 +20,7 @@ import json
 import sys
 
 from rlhf_ray.config import ConfigError, dump_config, load_config
+from rlhf_ray.serve.cli import add_serve_commands
 
 EXIT_USAGE = 2
 
@@ -62,6 +68,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    from rlhf_ray.pipeline.scale import scale
+
+    try:
+        status = scale(args.run, args.rollout_workers, address=args.address)
+    except (ValueError, ConnectionError) as err:
+        print(f"rlhf-ray: {err}", file=sys.stderr)
+        return 1
+    print(f"run {status['run']}: rollout workers target {status['target']} (now {status['workers']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="sample and score a batch of episodes from the policy")
     _add_config_arguments(sample)
     sample.set_defaults(func=cmd_sample)
+    resize = commands.add_parser("scale", help="change a running run's number of rollout workers")
+    resize.add_argument("run", help="the run's name (config key `name`)")
+    resize.add_argument("--rollout-workers", type=int, required=True)
+    resize.add_argument("--address", default="auto", help="the Ray cluster the run is on (default: auto)")
+    resize.set_defaults(func=cmd_scale)
+    from rlhf_ray.jobs.cli import add_job_commands
+
+    add_job_commands(commands)
+    add_serve_commands(commands)
     return parser
 
 

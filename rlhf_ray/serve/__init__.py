@@ -1,0 +1,14 @@
+"""Serving a trained policy on Ray Serve, and collecting human feedback on what it writes.
+
+    config.py          ServeConfig: the policy, bounds on requests, replicas, batching, the API key
+    schemas.py         OpenAI request/response bodies (pydantic), feedback
+    engine.py          GenerationEngine: batched KV-cache sampling of concurrent requests, streaming text
+    api.py             the FastAPI app over a backend: routes, request checks, errors, SSE streams
+    guard.py           the outermost ASGI layer: API key, request size, no traceback to clients
+    app.py             the Serve deployments (autoscaled model replicas with @serve.batch, feedback store)
+    feedback_store.py  SQLite (WAL) completions and feedback; export for reward-model training
+    policy.py          model id and policy version of a policy folder
+    cli.py             `rlhf-ray serve` and `rlhf-ray feedback export`
+
+Importing this package imports nothing heavy; `app` imports Ray Serve, `engine` torch.
+"""

@@ -1,0 +1,400 @@
+"""The HTTP API of the policy server as a plain FastAPI app over a `Backend`, so it runs (and is tested)
+with or without Ray Serve; `rlhf_ray.serve.app` is the Serve deployment that is its backend in production.
+
+    GET  /health                 liveness, no key needed
+    GET  /v1/models              the served policy
+    POST /v1/completions         OpenAI completions (n, temperature, top_p, max_tokens, stop, seed, stream)
+    POST /v1/chat/completions    OpenAI chat completions (the same parameters)
+    POST /v1/feedback            a rating (1..5) of a choice, or the preferred choice of a response
+
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx status that says what
+was wrong with which request part; an unexpected failure is a 500 that says only "internal error" (the
+traceback goes to the server log, never to the client). Streams are server-sent events ending in
+`data: [DONE]`; a failure inside a stream is one `data: {"error": ...}` event.
+
+A response is sent (a stream ends) only after its completion is stored, so every id a client receives
+can be rated at once; feedback on a stream that has not ended yet is a 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rlhf_ray.serve.config import ServeConfig
+from rlhf_ray.serve.feedback_store import ChoiceRecord, CompletionRecord, FeedbackError
+from rlhf_ray.serve.guard import GuardMiddleware, error_response
+from rlhf_ray.serve.schemas import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    ChatDelta, Completion, CompletionChoice, CompletionRequest, FeedbackAck, FeedbackRequest, ModelCard,
+    ModelList, Usage,
+)
+
+if TYPE_CHECKING:  # torch is imported by the model replica only (not by the feedback store's)
+    from rlhf_ray.serve.engine import GenerationRequest, TextDelta
+
+logger = logging.getLogger("rlhf_ray.serve")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class APIError(Exception):
+    """A request the server will not serve: answered with `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+@dataclass
+class GenerationJob:
+    """The sequences of one API request, sampled in one batch: row i is choice i."""
+
+    rows: list[GenerationRequest]
+    stream: bool
+
+
+class Backend(Protocol):
+    model_name: str
+    policy_version: str
+    created: int
+    context_length: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
+
+    def generate(self, job: GenerationJob) -> AsyncIterator[list[tuple[int, TextDelta]]]:
+        """(choice index, delta) pairs as they are made; every choice's last delta has a finish_reason."""
+
+    async def record(self, record: CompletionRecord) -> None: ...
+
+    async def add_feedback(self, feedback: FeedbackRequest) -> dict: ...
+
+
+# The batch loop shared by the Serve deployment and the in-process backend
+
+
+async def batch_outputs(engine, jobs: list[GenerationJob], executor=None) -> AsyncIterator[list]:
+    """Sample the rows of all `jobs` as one engine batch and yield, as `@serve.batch` generators do, one
+    entry per job: a list of (choice, delta) when the job has something to deliver, None when not,
+    StopIteration once it has had everything. A streaming job gets its deltas step by step, any other
+    job all of them when its last row ends.
+
+    Each decoding step runs in `executor` (one worker thread) while the event loop waits for it: the loop
+    keeps reading requests (the next batch) and flushing streams while torch computes, and gets the GIL
+    back after every step. A thread running the whole batch on its own would hold the GIL through most of
+    a small model's step (which is Python) and starve the loop: in experiments/bench_serve.py on a 2-core
+    CPU, batches then stayed small and batched throughput was lower and far more variable."""
+    rows = [row for job in jobs for row in job.rows]
+    owners = [(j, choice) for j, job in enumerate(jobs) for choice in range(len(job.rows))]
+    running = [len(job.rows) for job in jobs]
+    buffers: list[list[tuple[int, TextDelta]]] = [[] for _ in jobs]
+    delivered = [False] * len(jobs)
+    steps = engine.stream(rows)
+    loop = asyncio.get_running_loop()
+    while True:
+        step = await loop.run_in_executor(executor, next, steps, None)
+        if step is None:
+            break
+        for row, delta in enumerate(step):
+            if delta is not None:
+                j, choice = owners[row]
+                buffers[j].append((choice, delta))
+                running[j] -= delta.finish_reason is not None
+        outputs: list = [StopIteration if done else None for done in delivered]
+        for j, job in enumerate(jobs):
+            if not delivered[j] and buffers[j] and (job.stream or running[j] == 0):
+                outputs[j], buffers[j] = buffers[j], []
+                delivered[j] = running[j] == 0
+        if any(isinstance(output, list) for output in outputs):
+            yield outputs
+
+
+class LocalBackend:
+    """A backend in this process: an engine and a feedback store, no Ray (tests, single-process use)."""
+
+    def __init__(self, engine, store, model_name: str, policy_version: str):
+        self.engine, self.store = engine, store
+        self.model_name, self.policy_version = model_name, policy_version
+        self.created = int(time.time())
+        self.context_length = engine.context_length
+        self._lock = asyncio.Lock()
+
+    def encode(self, text):
+        return self.engine.encode(text)
+
+    def chat_prompt(self, messages):
+        return self.engine.chat_prompt(messages)
+
+    async def generate(self, job):
+        async with self._lock:
+            async for outputs in batch_outputs(self.engine, [job]):
+                if isinstance(outputs[0], list):
+                    yield outputs[0]
+
+    async def record(self, record):
+        self.store.record_completions([record])
+
+    async def add_feedback(self, feedback):
+        return self.store.add_feedback(feedback.completion_id, feedback.rating, feedback.choice_index,
+                                       feedback.comment)
+
+
+# Request checks
+
+
+def _check_model(backend: Backend, model: str) -> None:
+    if model != backend.model_name:
+        raise APIError(404, f"model {model!r} not found; this server serves {backend.model_name!r}",
+                       "model", "model_not_found")
+
+
+def _rows(backend: Backend, config: ServeConfig, body, prompts: list[str]) -> tuple[list[GenerationRequest], list[int]]:
+    """The sequences to sample for `prompts` x n choices, after every bound of the config is checked;
+    also the prompts' token counts."""
+    from rlhf_ray.rollout.sampler import episode_seed
+    from rlhf_ray.serve.engine import GenerationRequest
+
+    max_tokens = config.default_max_tokens if body.max_tokens is None else body.max_tokens
+    if max_tokens > config.max_tokens_limit:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_limit}",
+                       "max_tokens")
+    if len(prompts) * body.n > config.max_choices:
+        raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} asks for {len(prompts) * body.n} choices; "
+                            f"this server allows at most {config.max_choices} per request", "n")
+    stops = body.stop_strings
+    if len(stops) > config.max_stop:
+        raise APIError(400, f"{len(stops)} stop strings; at most {config.max_stop} allowed", "stop")
+    if any(len(stop) > config.max_stop_chars for stop in stops):
+        raise APIError(400, f"a stop string is longer than {config.max_stop_chars} characters", "stop")
+    prompt_limit = backend.context_length - max_tokens
+    if config.max_prompt_tokens is not None:
+        prompt_limit = min(prompt_limit, config.max_prompt_tokens)
+    seed = secrets.randbits(63) if body.seed is None else body.seed % (1 << 64)
+    rows, prompt_tokens = [], []
+    param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    for p, prompt in enumerate(prompts):
+        ids = tuple(backend.encode(prompt))
+        if not ids:
+            raise APIError(400, f"prompt {p} is empty (no tokens)", param)
+        if len(ids) > prompt_limit:
+            bound = f", max_prompt_tokens {config.max_prompt_tokens}" if config.max_prompt_tokens else ""
+            raise APIError(400, f"prompt {p} is too long: {len(ids)} tokens, but at most {prompt_limit} fit "
+                                f"(context {backend.context_length} tokens, max_tokens {max_tokens}{bound})",
+                           param, "context_length_exceeded")
+        prompt_tokens.append(len(ids))
+        rows += [GenerationRequest(ids, max_tokens, body.temperature, body.top_p, episode_seed(seed, p, j), stops)
+                 for j in range(body.n)]
+    return rows, prompt_tokens
+
+
+def _sampling_record(body) -> dict:
+    return body.model_dump(mode="json", exclude={"model", "prompt", "messages", "stream", "stream_options"},
+                           exclude_none=True)
+
+
+def _sse(payload) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+_INTERNAL = {"error": {"message": "internal error", "type": "server_error", "param": None, "code": None}}
+
+
+class _Completions:
+    """The work common to /v1/completions and /v1/chat/completions."""
+
+    def __init__(self, backend: Backend, endpoint: str, body, prompts: list[str], rows, prompt_tokens: list[int]):
+        self.backend, self.endpoint, self.body, self.prompts = backend, endpoint, body, prompts
+        self.rows, self.prompt_tokens = rows, prompt_tokens
+        self.id = ("chatcmpl-" if endpoint == "chat.completions" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.texts = [""] * len(rows)
+        self.finish_reasons: list[str | None] = [None] * len(rows)
+        self.completion_tokens = [0] * len(rows)
+
+    def take(self, choice: int, delta: TextDelta) -> str:
+        """Add a delta; returns the text to show (chat answers start at their first non-space)."""
+        text = delta.text
+        if self.endpoint == "chat.completions" and not self.texts[choice]:
+            text = text.lstrip()
+        self.texts[choice] += text
+        self.completion_tokens[choice] = delta.completion_tokens
+        if delta.finish_reason:
+            self.finish_reasons[choice] = delta.finish_reason
+        return text
+
+    def usage(self) -> Usage:
+        prompt, completion = sum(self.prompt_tokens), sum(self.completion_tokens)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def record(self) -> None:
+        n = self.body.n
+        choices = [ChoiceRecord(i, i // n, self.prompts[i // n], self.texts[i], self.finish_reasons[i] or "length")
+                   for i in range(len(self.rows))]
+        request = _sampling_record(self.body)
+        if self.endpoint == "chat.completions":
+            request["messages"] = [m.model_dump(mode="json", exclude_none=True) for m in self.body.messages]
+        await self.backend.record(CompletionRecord(self.id, time.time(), self.backend.model_name,
+                                                   self.backend.policy_version, self.endpoint, choices, request))
+
+    async def run(self) -> None:
+        async for deltas in self.backend.generate(GenerationJob(self.rows, stream=False)):
+            for choice, delta in deltas:
+                self.take(choice, delta)
+        await self.record()
+
+    def header(self) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.backend.model_name,
+                "system_fingerprint": self.backend.policy_version}
+
+    async def events(self) -> AsyncIterator[str]:
+        """The server-sent events of a streamed response."""
+        chat = self.endpoint == "chat.completions"
+        try:
+            if chat:  # OpenAI opens each choice with the role
+                yield _sse(ChatCompletionChunk(**self.header(), choices=[
+                    ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                    for i in range(len(self.rows))]).model_dump(mode="json"))
+            async for deltas in self.backend.generate(GenerationJob(self.rows, stream=True)):
+                for choice, delta in deltas:
+                    text = self.take(choice, delta)
+                    if not text and not delta.finish_reason:
+                        continue
+                    if chat:
+                        chunk = ChatCompletionChunk(**self.header(), choices=[ChatChunkChoice(
+                            index=choice, delta=ChatDelta(content=text or None), finish_reason=delta.finish_reason)])
+                    else:
+                        chunk = Completion(**self.header(), choices=[CompletionChoice(
+                            index=choice, text=text, finish_reason=delta.finish_reason)])
+                    yield _sse(chunk.model_dump(mode="json", exclude_none=chat))
+            await self.record()
+            options = self.body.stream_options
+            if options is not None and options.include_usage:
+                usage_chunk = (ChatCompletionChunk(**self.header(), choices=[], usage=self.usage()) if chat
+                               else Completion(**self.header(), choices=[], usage=self.usage()))
+                yield _sse(usage_chunk.model_dump(mode="json"))
+            yield _sse("[DONE]")
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # headers are sent: the failure can only be an event
+            logger.exception("stream %s failed", self.id)
+            yield _sse(_INTERNAL)
+
+
+# The app
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    """One line per problem, naming the request part: `max_tokens: Input should be a valid integer`."""
+    lines, first_param = [], None
+    for item in error.errors():
+        loc = [str(part) for part in item.get("loc", ()) if part != "body"]
+        if item.get("type") == "json_invalid":
+            reason = item.get("ctx", {}).get("error", "")
+            return f"request body is not valid JSON{': ' + reason if reason else ''}", None
+        if item.get("type") == "missing" and not loc:
+            return "request body is missing (expected a JSON object)", None
+        # unions report each branch (`prompt.str`, `prompt.list[str]`): keep the field's path
+        loc = [part for part in loc if not any(c in part for c in "[]") and part not in ("str", "int", "float",
+                                                                                         "bool", "list")]
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        message = item.get("msg", "invalid value")
+        if item.get("type") == "extra_forbidden":
+            message = "unknown or unsupported field"
+        got = "" if item.get("type") in ("missing", "extra_forbidden") else f" (got {item.get('input')!r:.80})"
+        line = f"{param}: {message}{got}" if param else f"{message}{got}"
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines), first_param
+
+
+def build_api(backend: Backend, config: ServeConfig) -> FastAPI:
+    """The FastAPI app of the server, over `backend`, with the bounds and key of `config`."""
+    app = FastAPI(title="rlhf-ray policy server", version="1", docs_url="/docs", redoc_url=None)
+    app.add_middleware(GuardMiddleware, api_key=config.resolved_api_key(), max_request_bytes=config.max_request_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err.status, err.message, err.type, err.param, err.code)
+
+    @app.exception_handler(FeedbackError)
+    async def _feedback_error(request: Request, err: FeedbackError):
+        code = "completion_not_found" if err.status == 404 else None
+        return error_response(err.status, err.message, param=err.param, code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        messages = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on "
+                                                              f"{request.url.path}"}
+        return error_response(err.status_code, messages.get(err.status_code, str(err.detail)),
+                              headers=getattr(err, "headers", None))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=backend.model_name, created=backend.created,
+                                         policy_version=backend.policy_version)])
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> ModelCard:
+        _check_model(backend, model)
+        return ModelCard(id=backend.model_name, created=backend.created, policy_version=backend.policy_version)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        _check_model(backend, body.model)
+        rows, prompt_tokens = _rows(backend, config, body, body.prompts)
+        job = _Completions(backend, "completions", body, body.prompts, rows, prompt_tokens)
+        if body.stream:
+            return StreamingResponse(job.events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        await job.run()
+        return Completion(**job.header(), usage=job.usage(), choices=[
+            CompletionChoice(index=i, text=text, finish_reason=reason)
+            for i, (text, reason) in enumerate(zip(job.texts, job.finish_reasons))])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        _check_model(backend, body.model)
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        try:
+            prompt = backend.chat_prompt(messages)
+        except Exception as err:  # a chat template that refuses these messages (e.g. roles out of order)
+            raise APIError(400, f"messages cannot be rendered by the model's chat template: {err}",
+                           "messages") from None
+        rows, prompt_tokens = _rows(backend, config, body, [prompt])
+        job = _Completions(backend, "chat.completions", body, [prompt], rows, prompt_tokens)
+        if body.stream:
+            return StreamingResponse(job.events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        await job.run()
+        return ChatCompletion(**job.header(), usage=job.usage(), choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
+            for i, (text, reason) in enumerate(zip(job.texts, job.finish_reasons))])
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest) -> FeedbackAck:
+        return FeedbackAck(**await backend.add_feedback(body))
+
+    return app

@@ -1,0 +1,115 @@
+"""The outermost layer of the HTTP API: the API key, the size of request bodies, and a last catch so that
+no traceback ever reaches a client. Pure ASGI, so it sees every request before FastAPI parses anything.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("rlhf_ray.serve")
+
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _client_went_away(err: Exception) -> bool:
+    """Whether `err` is Serve telling the replica that the HTTP client disconnected (not a server fault)."""
+    try:
+        from ray.exceptions import TaskCancelledError
+    except ImportError:
+        return False
+    return isinstance(err, TaskCancelledError)
+
+
+def _route_path(scope) -> str:
+    """The path below the app's mount point (Serve's route_prefix arrives as `root_path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+class GuardMiddleware:
+    """Outermost ASGI layer: API key, request size, and a last catch so no traceback reaches a client.
+
+    The body is read here, up to `max_request_bytes` (413 beyond, whatever Content-Length claims), and
+    replayed to the app; authentication is checked before a byte of it is read."""
+
+    def __init__(self, app, api_key: str | None, max_request_bytes: int):
+        self.app, self.api_key, self.max_request_bytes = app, api_key, max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            rejection = self._authenticate(scope)
+            if rejection is None:
+                body, rejection = await self._read_body(scope, receive)
+            if rejection is not None:
+                return await rejection(scope, receive, send)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: wait for the disconnect
+
+            await self.app(scope, replay, send_tracked)
+        except Exception as err:
+            if _client_went_away(err):
+                logger.info("client left during %s %s", scope.get("method"), scope.get("path"))
+                return
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(500, "internal error", "server_error")(scope, receive, send)
+
+    def _authenticate(self, scope):
+        if not self.api_key or _route_path(scope) in PUBLIC_PATHS:
+            return None
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return None
+        message = ("missing API key: send 'Authorization: Bearer <key>'" if not given
+                   else "invalid API key in the Authorization header")
+        return error_response(401, message, "authentication_error", code="invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, scope, receive):
+        limit = self.max_request_bytes
+        too_large = error_response(413, f"request body larger than {limit} bytes", code="request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    return b"", too_large
+            except ValueError:
+                return b"", error_response(400, "Content-Length is not a number")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", JSONResponse({}, status_code=400)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
