@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rlhf_ray.config import load_config
 from rlhf_ray.learner.distributed import get_rank, get_world_size
-from rlhf_ray.pipeline.train import start_ray, train
+from rlhf_ray.pipeline.train import train
 
 
 def deepspeed_lm_baseline(loop_config: dict) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from rlhf_ray.algorithms import (
     broadcast_to_tokens, explained_variance, gae, grpo_advantages, kl_estimate, kl_loss,
-    kl_penalized_rewards, masked_entropy, masked_mean, masked_whiten, policy_loss, rloo_advantages,
+    kl_penalized_rewards, masked_entropy, masked_whiten, policy_loss, rloo_advantages,
     value_loss,
 )
 from rlhf_ray.config import PPOConfig
@@ -127,10 +127,9 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     kl = torch.where(mask.bool(), kl_estimate(old_logprobs, ref_logprobs, kl_cfg.estimator), 0.0)  # (B, R)
     values = returns = None
     if cfg.advantage_estimator == "gae":
-        if kl_cfg.in_reward:
-            rewards, _ = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, kl_cfg.estimator)
-        else:
-            rewards, _ = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, 0.0, kl_cfg.estimator)
+        # with the KL as a loss term (in_reward false) the reward is the score alone
+        reward_kl_coef = kl_coef if kl_cfg.in_reward else 0.0
+        rewards, _ = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, kl_cfg.estimator)
         values = response_values(critic, batch)  # (B, R)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     else:

@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 import torch.distributed as dist
@@ -32,11 +31,11 @@ from rlhf_ray.learner.distributed import get_rank, get_world_size
 from rlhf_ray.learner.engine import EngineConfig, create_engine, create_reference_engine, gather_full_state_dict
 from rlhf_ray.learner.ppo import Reducer, make_experience, ppo_update
 from rlhf_ray.models import load_tokenizer, resolve_model_path
+from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.models.value import ValueModel
 from rlhf_ray.rollout.elastic import desired_workers
 from rlhf_ray.rollout.sampler import episode_seed
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DistributedReducer(Reducer):

@@ -11,15 +11,14 @@ import hashlib
 import os
 import time
 
-import numpy as np
 import ray
 import torch
 
 from rlhf_ray.models import load_policy
+from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards import as_reward_function
 from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
