@@ -2,11 +2,11 @@
 
 from rlhf_ray.config.loading import ConfigError, apply_overrides, dump_config, load_config
 from rlhf_ray.config.schema import (
-    DataConfig, KLConfig, LearnerConfig, ModelConfig, PPOConfig, RewardConfig, RolloutConfig, RunConfig,
-    SamplingConfig, TrainConfig, WorkersConfig,
+    DataConfig, KLConfig, LearnerConfig, ModelConfig, PPOConfig, RewardComponent, RewardConfig, RolloutConfig,
+    RunConfig, SamplingConfig, StageConfig, TrainConfig, WorkersConfig,
 )
 
 __all__ = [
-    "ConfigError", "DataConfig", "KLConfig", "LearnerConfig", "ModelConfig", "PPOConfig", "TrainConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-    "SamplingConfig", "WorkersConfig", "apply_overrides", "dump_config", "load_config",
+    "ConfigError", "DataConfig", "KLConfig", "LearnerConfig", "ModelConfig", "PPOConfig", "RewardComponent",
+    "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig", "StageConfig", "TrainConfig", "WorkersConfig", "apply_overrides", "dump_config", "load_config",
 ]

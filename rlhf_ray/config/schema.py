@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rlhf_ray.data.config import DatasetConfig
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -51,11 +53,50 @@ class RolloutConfig(_Section):
 
 
 class DataConfig(_Section):
-    prompts: list[str] | None = None  # None: the built-in prompts of the toy environment
+    prompts: list[str] | None = None  # PPO prompts written out; None with no prompt_dataset: the toy env's
+    prompt_dataset: DatasetConfig | None = None  # PPO prompts from a file (chat template applied)
+    eval_dataset: DatasetConfig | None = None  # held-out prompts for `rlhf-ray eval` (+ references, if any)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> "DataConfig":
+        if self.prompts is not None and self.prompt_dataset is not None:
+            raise ValueError("set data.prompts or data.prompt_dataset, not both")
+        return self
+
+
+class RewardComponent(_Section):
+    """One term w * r(prompt, response) of a composite reward; r is a function or a reward model."""
+
+    function: str | None = None  # "module:function"
+    model: str | None = None  # reward-model folder; "{run}" stands for the run folder (output_dir/name)
+    kwargs: dict = {}  # keyword arguments bound to `function`, e.g. {target: 20} for a length score
+    weight: float = 1.0  # lambda, mu, ... of R = Q + lambda*S + mu*H
+    normalize: bool = True  # a reward model's score standardised by the statistics saved with it
+
+    @model_validator(mode="after")
+    def _function_or_model(self) -> "RewardComponent":
+        if (self.function is None) == (self.model is None):
+            raise ValueError("a reward component needs exactly one of 'function' and 'model'")
+        if self.kwargs and self.function is None:
+            raise ValueError("'kwargs' applies to a 'function' component only")
+        return self
 
 
 class RewardConfig(_Section):
-    function: str = "envs.builtin:sentiment_reward"  # "module:function" or a reward-model folder
+    """`function`: one reward; `components`: R = sum of weight * component, each logged as reward/<name>."""
+
+    function: str | None = None  # "module:function" or a reward-model folder; default: the toy sentiment reward
+    components: dict[str, RewardComponent] | None = None
+
+    @model_validator(mode="after")
+    def _function_or_components(self) -> "RewardConfig":
+        if self.function is not None and self.components is not None:
+            raise ValueError("set reward.function or reward.components, not both")
+        if self.components is not None and not self.components:
+            raise ValueError("reward.components is empty; name at least one component")
+        if self.function is None and self.components is None:
+            self.__dict__["function"] = "envs.builtin:sentiment_reward"
+        return self
 
 
 class KLConfig(_Section):
@@ -110,6 +151,19 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0)  # learner restarts (from the last checkpoint) before the run fails
 
 
+class StageConfig(_Section):
+    """A supervised stage before PPO (SFT or reward model), trained by the DeepSpeed learner."""
+
+    base: str  # the model the stage starts from (folder, built-in or hub name; "{run}" allowed)
+    data: DatasetConfig
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0.0)
+    batch_size: int = Field(8, ge=1)  # sequences (SFT) or pairs (RM) per optimizer step, all ranks
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # records held out to report loss / accuracy
+    max_length: int = Field(512, ge=8)  # tokens of prompt + response; longer records are cut on the left
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -121,6 +175,16 @@ class RunConfig(_Section):
     ppo: PPOConfig = PPOConfig()
     learner: LearnerConfig = LearnerConfig()
     train: TrainConfig = TrainConfig()
+    sft: StageConfig | None = None  # `rlhf-ray pipeline`: supervised fine-tuning, written to {run}/sft
+    reward_model: StageConfig | None = None  # `rlhf-ray pipeline`: Bradley-Terry RM, written to {run}/reward_model
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder, `output_dir/name`: what "{run}" in a model path stands for."""
+        return f"{self.output_dir.rstrip('/')}/{self.name}"
+
+    def expand(self, path: str) -> str:
+        return path.replace("{run}", self.run_dir)
 
     @model_validator(mode="after")
     def _batch_fits_the_learner(self) -> "RunConfig":

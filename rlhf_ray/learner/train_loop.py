@@ -86,6 +86,14 @@ def broadcast_episodes(episodes, rank: int):
     return box[0]
 
 
+def reward_component_means(episodes) -> dict:
+    """`reward/<name>`: the mean of each component of a composite reward over the batch (unweighted)."""
+    parts = [e.extra["reward_components"] for e in episodes if "reward_components" in e.extra]
+    if not parts:
+        return {}
+    return {f"reward/{name}": sum(p[name] for p in parts) / len(parts) for name in parts[0]}
+
+
 def rollout_timing(episodes) -> dict:
     """Wall time of the rollout chunks (they run in parallel: the slowest one counts)."""
     chunks = {(e.worker_id, e.extra.get("chunk")): e.extra for e in episodes}
@@ -132,8 +140,8 @@ def ppo_train_loop(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     dtype = DTYPES[config.model.dtype]
 
-    policy_path = resolve_model_path(config.model.policy)
-    reference_path = resolve_model_path(config.model.reference or config.model.policy)
+    policy_path = resolve_model_path(config.expand(config.model.policy))
+    reference_path = resolve_model_path(config.expand(config.model.reference or config.model.policy))
     tokenizer = load_tokenizer(policy_path)
     actor = create_engine(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype),
                           engine_config(config, world, config.learner.lr), train_batch_size=config.ppo.minibatch_size)
@@ -154,7 +162,7 @@ def ppo_train_loop(loop_config: dict) -> None:
     if rank == 0:
         from rlhf_ray.rollout.run_sampler import prompt_texts
 
-        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(config)]
+        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(config, tokenizer)]
         export_model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
 
     # Resume: the same command again (or a restart by Ray Train after a lost worker) continues from
@@ -210,7 +218,7 @@ def ppo_train_loop(loop_config: dict) -> None:
             response_tokens = int(sum(len(e.response_ids) for e in episodes))
             metrics.update({
                 "iteration": state.iteration, "policy_version": state.policy_version, "pool/workers": len(pool),
-                "perf/rollout_s": rollout_s, **rollout_timing(episodes), "perf/experience_s": experience_s,
+                "perf/rollout_s": rollout_s, **reward_component_means(episodes), **rollout_timing(episodes), "perf/experience_s": experience_s,
                 "perf/update_s": update_s, "perf/sync_s": sync_s,
                 "perf/iteration_s": time.perf_counter() - started,
                 "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),

@@ -26,7 +26,7 @@ from rlhf_ray.learner.distributed import deepspeed_worker_env
 from rlhf_ray.learner.train_loop import ppo_train_loop
 from rlhf_ray.rollout.elastic import start_control
 from rlhf_ray.rollout.pool import RolloutPool, WorkerSpec
-from rlhf_ray.rollout.run_sampler import sampling_params
+from rlhf_ray.rollout.run_sampler import reward_spec, sampling_params
 
 
 # weight-loading progress bars of every worker would bury the run's own progress bar
@@ -69,7 +69,7 @@ def check_resources(config: RunConfig) -> None:
 
 
 def rollout_pool(config: RunConfig) -> RolloutPool:
-    spec = WorkerSpec(policy=config.model.policy, reward=config.reward.function, params=sampling_params(config),
+    spec = WorkerSpec(policy=config.expand(config.model.policy), reward=reward_spec(config), params=sampling_params(config),
                       max_length=config.rollout.max_length, dtype=config.model.dtype,
                       use_gpu=config.rollout.use_gpu, num_cpus=config.rollout.num_cpus,
                       actor_options={"resources": dict(config.rollout.resources)} if config.rollout.resources else {})

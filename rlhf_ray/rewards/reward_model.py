@@ -3,10 +3,15 @@
 The reward model of Ouyang et al. 2022 / Stiennon et al. 2020: a transformer with a scalar head
 (`AutoModelForSequenceClassification`, `num_labels=1`) read at the last token of prompt + response.
 The folder is anything `save_pretrained` wrote for such a model, with its tokenizer beside it.
+A folder written by the reward-model stage also holds `reward_stats.json`, the mean and standard
+deviation of its scores on the training responses; with `normalize=True` scores are standardised
+by them, so PPO sees rewards of unit scale whatever offset the Bradley-Terry loss left (it only
+fixes differences).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +20,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_ray.rewards.base import RewardError
+
+STATS_FILE = "reward_stats.json"  # {"mean": ..., "std": ...} of the scores on the RM's training responses
 
 
 def join_prompt_response(prompt: str, response: str) -> str:
@@ -36,13 +43,18 @@ class RewardModelScorer:
     """
 
     def __init__(self, path: str | os.PathLike, batch_size: int = 32, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, normalize: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
         self.name = str(path)
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self.mean, self.std = 0.0, 1.0
+        stats = self.path / STATS_FILE
+        if normalize and stats.is_file():
+            saved = json.loads(stats.read_text())
+            self.mean, self.std = float(saved["mean"]), max(float(saved["std"]), 1e-6)
         if not (self.path / "config.json").is_file():
             raise RewardError(f"reward model folder {self.path} has no config.json; expected a folder written by "
                               "save_pretrained of an AutoModelForSequenceClassification")
@@ -80,7 +92,8 @@ class RewardModelScorer:
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
             logits = self.model(**batch).logits  # (B, 1)
             scores.append(logits[:, 0].float().cpu().numpy())
-        return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+        raw = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+        return (raw - self.mean) / self.std
 
     def __repr__(self) -> str:
         return f"RewardModelScorer({self.name!r}, batch_size={self.batch_size}, device={str(self.device)!r})"

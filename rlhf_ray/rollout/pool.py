@@ -29,7 +29,7 @@ class WorkerSpec:
     """How to start a rollout worker."""
 
     policy: str
-    reward: str
+    reward: str | dict  # a reward spec, or a `reward` config section with "{run}" already expanded
     params: SamplingParams
     max_length: int | None = None
     dtype: str = "float32"

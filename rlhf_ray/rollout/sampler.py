@@ -38,6 +38,7 @@ from gymnasium.vector import AutoresetMode
 
 from envs.vector import TextGenerationVectorEnv
 from rlhf_ray.rewards import RewardFunction, as_reward_function
+from rlhf_ray.rewards.composite import reward_components
 
 
 @dataclass(frozen=True)
@@ -345,4 +346,7 @@ class Sampler:
                 eos=bool(eos[b]), reward=float(rewards[b]), prompt=prompt, response=response,
                 seed=int(seeds[b]),
             ))
+        parts = reward_components(self.reward_fn, [e.prompt for e in episodes], [e.response for e in episodes])
+        for episode, components in zip(episodes, parts or ()):
+            episode.extra["reward_components"] = components
         return episodes

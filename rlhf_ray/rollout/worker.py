@@ -16,7 +16,7 @@ import torch
 
 from rlhf_ray.models import load_policy
 from rlhf_ray.models.loading import DTYPES
-from rlhf_ray.rewards import as_reward_function
+from rlhf_ray.rewards.composite import build_reward
 from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams
 
 
@@ -34,12 +34,12 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
 class RolloutWorker:
     """Generates episodes for chunks of prompts with the policy of a given version."""
 
-    def __init__(self, worker_id: str, policy: str, reward: str, params: SamplingParams,
+    def __init__(self, worker_id: str, policy: str, reward: str | dict, params: SamplingParams,
                  max_length: int | None = None, dtype: str = "float32", use_gpu: bool = False):
         self.worker_id = worker_id
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_policy(policy, dtype=DTYPES[dtype], device=device)
-        self.sampler = Sampler(self.model, self.tokenizer, as_reward_function(reward), params, max_length)
+        self.sampler = Sampler(self.model, self.tokenizer, build_reward(reward, device=device), params, max_length)
         self.policy_version = 0
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], version: int) -> list[Episode]:

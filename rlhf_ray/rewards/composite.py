@@ -1,0 +1,103 @@
+"""Composite rewards R = Q + lambda*S + mu*H: weighted sums of named components, each one logged.
+
+    reward:
+      components:
+        quality: {function: rlhf_ray.rewards.quality:length_score, kwargs: {target: 25}, weight: 0.5}
+        satisfaction: {function: my_pkg.scores:satisfaction, weight: 0.3}    # lambda
+        human: {model: "{run}/reward_model", weight: 1.0}                    # mu
+
+`build_reward` turns the `reward` section into one `RewardFunction` for the rollout workers. A
+composite remembers the components of the pairs it scored last, so the sampler can attach them to
+each episode (`Episode.extra["reward_components"]`) and the learner logs `reward/<name>` means.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_ray.rewards.base import RewardError, RewardFunction, as_reward_function, import_from_string
+
+
+class CompositeReward:
+    """`R(prompts, responses) = sum_i weight_i * component_i(prompts, responses)`."""
+
+    def __init__(self, components: dict[str, RewardFunction], weights: dict[str, float]):
+        if not components:
+            raise RewardError("a composite reward needs at least one component")
+        if set(components) != set(weights):
+            raise RewardError(f"components {sorted(components)} and weights {sorted(weights)} name different terms")
+        self.components, self.weights = components, weights
+        self.name = " + ".join(f"{weights[n]:g}*{n}" for n in components)
+        self._recent: dict[tuple[str, str], dict[str, float]] = {}
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The total and each component's unweighted scores, shape (n,) each."""
+        parts = {name: fn(prompts, responses) for name, fn in self.components.items()}
+        total = np.zeros(len(prompts), dtype=np.float64)
+        for name, scores in parts.items():
+            total += self.weights[name] * scores
+        return total, parts
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        total, parts = self.score(prompts, responses)
+        for i, key in enumerate(zip(prompts, responses)):
+            self._recent[key] = {name: float(scores[i]) for name, scores in parts.items()}
+        return total
+
+    def pop_components(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, float]]:
+        """The components of pairs scored since the last pop, in the order asked; forgets the rest."""
+        try:
+            return [self._recent[key] for key in zip(prompts, responses)]
+        except KeyError as missing:
+            raise RewardError(f"composite reward {self.name!r} has not scored the pair {missing}") from None
+        finally:
+            self._recent.clear()
+
+
+def _component(spec: dict, run_dir: str | None, device: str) -> RewardFunction:
+    if spec.get("model") is not None:
+        path = spec["model"].replace("{run}", run_dir) if run_dir else spec["model"]
+        if "{run}" in path:
+            raise RewardError(f"reward model path {path!r} uses {{run}} but no run folder was given")
+        if not Path(path).is_dir():
+            raise RewardError(f"reward model folder {path} does not exist (train it with `rlhf-ray pipeline`, "
+                              "whose reward_model stage writes {run}/reward_model)")
+        from rlhf_ray.rewards.reward_model import RewardModelScorer
+
+        return RewardFunction(RewardModelScorer(path, device=device, normalize=spec.get("normalize", True)), path)
+    fn = import_from_string(spec["function"])
+    if not callable(fn):
+        raise RewardError(f"reward {spec['function']!r} names a {type(fn).__name__}, not a function")
+    kwargs = spec.get("kwargs") or {}
+    return RewardFunction(functools.partial(fn, **kwargs) if kwargs else fn, spec["function"])
+
+
+def build_reward(reward, run_dir: str | None = None, device: str = "cpu") -> RewardFunction:
+    """The reward function of a `reward` config section (a `RewardConfig`, its dict, or a plain spec).
+
+    `run_dir` replaces "{run}" in reward-model paths.
+    """
+    if hasattr(reward, "model_dump"):
+        reward = reward.model_dump()
+    if not isinstance(reward, dict):
+        return as_reward_function(reward, device=device)
+    if reward.get("components"):
+        components = {name: _component(spec, run_dir, device) for name, spec in reward["components"].items()}
+        weights = {name: float(spec.get("weight", 1.0)) for name, spec in reward["components"].items()}
+        composite = CompositeReward(components, weights)
+        return RewardFunction(composite, composite.name)
+    function = reward.get("function") or "envs.builtin:sentiment_reward"
+    if run_dir:
+        function = function.replace("{run}", run_dir)
+    return as_reward_function(function, device=device)
+
+
+def reward_components(reward_fn: RewardFunction, prompts: Sequence[str],
+                      responses: Sequence[str]) -> list[dict[str, float]] | None:
+    """The components of the pairs `reward_fn` just scored, when it is a composite; else None."""
+    inner = getattr(reward_fn, "fn", None)
+    return inner.pop_components(prompts, responses) if isinstance(inner, CompositeReward) else None
