@@ -1,6 +1,7 @@
 """The `rlhf-ray` command line.
 
     rlhf-ray train CONFIG [key=value ...] [--address ADDR]   run PPO; outputs in runs/<name>/
+    rlhf-ray pipeline CONFIG [key=value ...]  SFT -> reward model -> PPO, finished stages skipped
     rlhf-ray config CONFIG [key=value ...]     print the resolved configuration
     rlhf-ray submit CONFIG --address http://HEAD:8265 [--no-wait] [key=value ...]   train as a Ray Job
     rlhf-ray jobs status|logs|stop|list ...    follow submitted jobs
@@ -53,6 +54,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from rlhf_ray.pipeline.stages import run_pipeline
+    from rlhf_ray.pipeline.train import TrainingError
+    from rlhf_ray.data import DataError
+    from rlhf_ray.stages import StageError
+
+    config = load_config(args.config, args.overrides)
+    try:
+        status = run_pipeline(config, address=args.address)
+    except (StageError, TrainingError, DataError) as err:
+        print(f"rlhf-ray: {err}", file=sys.stderr)
+        return 1
+    print("stages: " + ", ".join(f"{stage} {state}" for stage, state in status.items()))
+    print(f"run folder: {config.run_dir}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from rlhf_ray.rollout.run_sampler import sample_from_config
 
@@ -89,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true",
                      help="start over, deleting the run folder's checkpoints and metrics (default: resume)")
     run.set_defaults(func=cmd_train)
+    pipe = commands.add_parser("pipeline", help="run SFT, reward model and PPO in order, skipping finished stages")
+    _add_config_arguments(pipe)
+    pipe.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    pipe.set_defaults(func=cmd_pipeline)
     show = commands.add_parser("config", help="print the resolved configuration")
     _add_config_arguments(show)
     show.set_defaults(func=cmd_config)

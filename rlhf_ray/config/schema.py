@@ -90,10 +90,10 @@ class RewardConfig(_Section):
 
     @model_validator(mode="after")
     def _function_or_components(self) -> "RewardConfig":
-        if self.function is not None and self.components is not None:
-            raise ValueError("set reward.function or reward.components, not both")
         if self.components is not None and not self.components:
             raise ValueError("reward.components is empty; name at least one component")
+        if self.function is not None and self.components is not None:
+            raise ValueError("set reward.function or reward.components, not both")
         if self.function is None and self.components is None:
             self.__dict__["function"] = "envs.builtin:sentiment_reward"
         return self
@@ -135,6 +135,14 @@ class PPOConfig(_Section):
 class LearnerConfig(_Section):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)  # Ray CPUs of each learner rank, and its torch threads on CPU
+
+    def scaling_config(self):
+        """Ray Train's ScalingConfig for the learner group."""
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
     zero_stage: Literal[2, 3] = 2
     lr: float = Field(1e-5, gt=0.0)
     critic_lr: float | None = Field(None, gt=0.0)  # None: lr
@@ -185,6 +193,36 @@ class RunConfig(_Section):
 
     def expand(self, path: str) -> str:
         return path.replace("{run}", self.run_dir)
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """A copy whose relative file paths (output_dir, datasets, local model folders) are made absolute
+        against the current directory: Ray workers run in other directories."""
+        from pathlib import Path
+
+        data = self.model_dump()
+
+        def absolute(path: str | None, must_exist: bool = False) -> str | None:
+            if path is None or path.startswith("{run}") or Path(path).is_absolute():
+                return path
+            if must_exist and not Path(path).exists():
+                return path  # a model name (built-in or hub id), not a local folder
+            return str(Path(path).resolve())
+
+        data["output_dir"] = absolute(data["output_dir"])
+        for section in (data["data"], data["sft"], data["reward_model"]):
+            for key in ("prompt_dataset", "eval_dataset", "data"):
+                if section and section.get(key):
+                    section[key]["path"] = absolute(section[key]["path"])
+        data["model"]["policy"] = absolute(data["model"]["policy"], must_exist=True)
+        data["model"]["reference"] = absolute(data["model"]["reference"], must_exist=True)
+        for stage in (data["sft"], data["reward_model"]):
+            if stage:
+                stage["base"] = absolute(stage["base"], must_exist=True)
+        for component in (data["reward"]["components"] or {}).values():
+            component["model"] = absolute(component["model"], must_exist=True)
+        if data["reward"]["function"]:
+            data["reward"]["function"] = absolute(data["reward"]["function"], must_exist=True)
+        return RunConfig.model_validate(data)
 
     @model_validator(mode="after")
     def _batch_fits_the_learner(self) -> "RunConfig":

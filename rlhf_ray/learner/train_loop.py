@@ -138,6 +138,8 @@ def ppo_train_loop(loop_config: dict) -> None:
     rank, world = get_rank(), get_world_size()
     reducer = DistributedReducer()
     torch.manual_seed(config.seed)
+    if not config.learner.use_gpu:
+        torch.set_num_threads(config.learner.cpus_per_worker)  # Ray sets OMP_NUM_THREADS=1 in workers
     dtype = DTYPES[config.model.dtype]
 
     policy_path = resolve_model_path(config.expand(config.model.policy))

@@ -18,12 +18,13 @@ from pathlib import Path
 import ray
 from ray.autoscaler.sdk import request_resources
 from ray.train import RunConfig as TrainRunConfig
-from ray.train import FailureConfig, ScalingConfig
+from ray.train import FailureConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.learner.distributed import deepspeed_worker_env
 from rlhf_ray.learner.train_loop import ppo_train_loop
+from rlhf_ray.models import resolve_model_path
 from rlhf_ray.rollout.elastic import start_control
 from rlhf_ray.rollout.pool import RolloutPool, WorkerSpec
 from rlhf_ray.rollout.run_sampler import reward_spec, sampling_params
@@ -46,7 +47,8 @@ def start_ray(config: RunConfig, address: str | None) -> None:
         return
     # A local Ray gets the machine's cores, or more logical CPUs when the run asks for more learner
     # ranks and rollout workers than cores (they then share cores); GPUs are what the machine has.
-    needed = config.learner.num_workers + config.rollout.workers.max * config.rollout.num_cpus
+    needed = (config.learner.num_workers * config.learner.cpus_per_worker
+              + config.rollout.workers.max * config.rollout.num_cpus)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env, log_to_driver=True)
 
 
@@ -60,10 +62,11 @@ def check_resources(config: RunConfig) -> None:
     if config.rollout.use_gpu and gpus < config.rollout.workers.min:
         raise TrainingError(f"rollout.use_gpu is true with rollout.workers.min={config.rollout.workers.min}, "
                             f"but the Ray cluster has {gpus:g} GPU(s)")
-    learner_cpus = 0 if config.learner.use_gpu else config.learner.num_workers
+    learner_cpus = config.learner.num_workers * config.learner.cpus_per_worker
     needed = learner_cpus + config.rollout.workers.min * config.rollout.num_cpus
     if cpus < needed:
-        raise TrainingError(f"learner.num_workers={config.learner.num_workers} and rollout.workers.min="
+        raise TrainingError(f"learner.num_workers={config.learner.num_workers} (x learner.cpus_per_worker="
+                            f"{config.learner.cpus_per_worker}) and rollout.workers.min="
                             f"{config.rollout.workers.min} (x rollout.num_cpus={config.rollout.num_cpus:g}) need "
                             f"{needed:g} CPUs, but the Ray cluster has {cpus:g}")
 
@@ -103,12 +106,19 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
     A run folder with a complete checkpoint is resumed from it (see `rlhf_ray.checkpoint`);
     `fresh=True` deletes the folder's earlier outputs first.
     """
-    run_dir = (Path(config.output_dir) / config.name).resolve()
+    config = config.with_absolute_paths()
+    run_dir = Path(config.run_dir)
     if fresh:
         for name in RUN_OUTPUTS:
             path = run_dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for key, name in (("model.policy", config.model.policy), ("model.reference", config.model.reference)):
+        if name is not None:
+            try:
+                resolve_model_path(config.expand(name))
+            except (FileNotFoundError, OSError) as err:
+                raise TrainingError(f"{key}: {err}") from err
     (run_dir / "config.yaml").write_text(dump_config(config))
     start_ray(config, address)
     check_resources(config)
@@ -121,7 +131,7 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
         ppo_train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "pool": pool, "control": control,
                            "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=config.learner.num_workers, use_gpu=config.learner.use_gpu),
+        scaling_config=config.learner.scaling_config(),
         torch_config=TorchConfig(backend="nccl" if config.learner.use_gpu else "gloo"),
         run_config=TrainRunConfig(name="learner", storage_path=str(run_dir / "ray_train"),
                                   # a lost learner worker or node: restart the group from the last checkpoint

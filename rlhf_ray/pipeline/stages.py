@@ -1,0 +1,99 @@
+"""`rlhf-ray pipeline CONFIG`: SFT -> reward model -> PPO, each stage's output the next stage's input.
+
+    {run}/sft/            the SFT policy (when the config has an `sft` section)
+    {run}/reward_model/   the Bradley-Terry reward model (when it has a `reward_model` section)
+    {run}/policy/ ...     the PPO run, as `rlhf-ray train` writes it
+
+The config wires the stages together by path: `model.policy: "{run}/sft"` starts PPO from the SFT
+model (and, with no `model.reference`, uses it as the frozen reference), and a reward component
+`model: "{run}/reward_model"` scores with the trained reward model. A stage whose folder is complete
+is skipped, so running the same command again resumes where the last one stopped (PPO resumes
+from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_ray.config import RunConfig, dump_config
+from rlhf_ray.stages.common import StageError, run_stage, stage_complete
+
+STAGES = ("sft", "reward_model", "ppo")
+
+
+def ppo_complete(run_dir: Path, iterations: int) -> bool:
+    """The PPO run wrote its final policy after its last iteration."""
+    metrics = run_dir / "metrics.jsonl"
+    if not (run_dir / "policy" / "config.json").is_file() or not metrics.is_file():
+        return False
+    lines = metrics.read_text().splitlines()
+    return bool(lines) and json.loads(lines[-1])["iteration"] >= iterations
+
+
+def check_wiring(config: RunConfig) -> None:
+    """Fail before any stage runs when a path names a stage output that this pipeline will not make."""
+    made = {"{run}/sft": config.sft is not None, "{run}/reward_model": config.reward_model is not None}
+    paths = [("model.policy", config.model.policy), ("model.reference", config.model.reference or "")]
+    paths += [(f"reward.components.{name}.model", c.model or "") for name, c in (config.reward.components or {}).items()]
+    if config.reward_model is not None:
+        paths.append(("reward_model.base", config.reward_model.base))
+    for key, path in paths:
+        for output, present in made.items():
+            if path.rstrip("/") == output and not present and not Path(config.expand(output)).is_dir():
+                stage = output.removeprefix("{run}/")
+                raise StageError(f"{key} is {path!r}, but the config has no '{stage}' section to make it")
+
+
+def check_data(config: RunConfig) -> None:
+    """Read every dataset of the run on the driver first: a bad line fails here, naming file and line,
+    before any worker starts (raw records; the workers apply chat templates)."""
+    if config.sft is not None:
+        config.sft.data.load_sft()
+    if config.reward_model is not None:
+        config.reward_model.data.load_preferences()
+    if config.data.prompt_dataset is not None:
+        config.data.prompt_dataset.load_prompts()
+
+
+def run_pipeline(config: RunConfig, address: str | None = None, progress: bool = True) -> dict[str, str]:
+    """Run the configured stages in order; returns each stage's status: 'ran', 'skipped' or 'absent'."""
+    from rlhf_ray.pipeline.train import start_ray, train
+    from rlhf_ray.stages.reward_model import reward_model_loop
+    from rlhf_ray.stages.sft import sft_loop
+
+    config = config.with_absolute_paths()
+    check_wiring(config)
+    check_data(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline.yaml").write_text(dump_config(config))
+    status = {}
+    for stage, section, loop in (("sft", config.sft, sft_loop), ("reward_model", config.reward_model,
+                                                                   reward_model_loop)):
+        out = run_dir / stage
+        if section is None:
+            status[stage] = "absent"
+        elif stage_complete(out):
+            status[stage] = "skipped"
+            print(f"[pipeline] {stage}: {out} is complete, skipped")
+        else:
+            print(f"[pipeline] {stage}: training from {section.base} on {section.data.path}")
+            start_ray(config, address)
+            run_stage(loop, config, stage, out)
+            summary = json.loads((out / "summary.json").read_text())
+            print(f"[pipeline] {stage}: done, {_summary_line(summary)}")
+            status[stage] = "ran"
+    if ppo_complete(run_dir, config.train.iterations):
+        status["ppo"] = "skipped"
+        print(f"[pipeline] ppo: {run_dir / 'policy'} is complete, skipped")
+    else:
+        print("[pipeline] ppo: training")
+        train(config, address=address, progress=progress)
+        status["ppo"] = "ran"
+    return status
+
+
+def _summary_line(summary: dict) -> str:
+    keys = ("eval_loss_before", "eval_loss_after", "eval_accuracy_before", "eval_accuracy_after", "score_std")
+    return ", ".join(f"{k} {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float)))

@@ -1,0 +1,128 @@
+"""What the SFT and reward-model stages share: the data split, batches per rank, metrics, saving, launch."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import ray
+import torch
+
+from rlhf_ray.config import RunConfig, StageConfig
+from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, get_world_size
+from rlhf_ray.learner.engine import EngineConfig
+
+SUMMARY = "summary.json"  # written last into a stage's folder before it is renamed into place
+
+
+class StageError(RuntimeError):
+    """A stage that cannot run as configured, or whose learner failed; the message says which and why."""
+
+
+def stage_complete(path: Path) -> bool:
+    return (Path(path) / SUMMARY).is_file()
+
+
+def split_records(records: Sequence, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded shuffle, then the first `eval_fraction` held out (at least one record
+    when the fraction is positive and at least two records exist)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = int(round(len(records) * eval_fraction))
+    if eval_fraction > 0 and len(records) >= 2:
+        held = max(held, 1)
+    held = min(held, len(records) - 1)
+    return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """Shuffled indices of one epoch in full batches of `batch_size` (the remainder is dropped)."""
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def rank_slice(items: Sequence) -> list:
+    """This rank's share of a global batch: every world_size-th item from its rank."""
+    return list(items[get_rank()::get_world_size()])
+
+
+def global_mean(total: float, count: float) -> float:
+    """The mean over all ranks of sums `total` over `count` items each."""
+    sums = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+def use_learner_threads(config: RunConfig) -> None:
+    """torch threads = the learner rank's Ray CPUs (Ray sets OMP_NUM_THREADS=1 in workers by default)."""
+    if not config.learner.use_gpu:
+        torch.set_num_threads(config.learner.cpus_per_worker)
+
+
+def stage_engine_config(stage: StageConfig, config: RunConfig) -> EngineConfig:
+    use_learner_threads(config)
+    world = get_world_size()
+    if stage.batch_size % world:
+        raise StageError(f"batch_size ({stage.batch_size}) must be a multiple of learner.num_workers ({world})")
+    learner = config.learner
+    return EngineConfig(zero_stage=learner.zero_stage, lr=stage.lr, adam_eps=1e-8, weight_decay=stage.weight_decay,
+                        max_grad_norm=learner.max_grad_norm, bf16=learner.bf16,
+                        micro_batch_size=stage.batch_size // world,
+                        gradient_checkpointing=learner.gradient_checkpointing)
+
+
+class StageWriter:
+    """Rank 0's outputs of a stage, all inside `<out>.tmp/` until `finish` renames it to `<out>/`."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.tmp = self.out.with_name(self.out.name + ".tmp")
+        if get_rank() == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+
+    def log(self, metrics: dict, show: bool = True) -> None:
+        """Append to metrics.jsonl; print it too when `show`."""
+        if get_rank() == 0:
+            with (self.tmp / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if show:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+                  flush=True)
+
+    def finish(self, export_model, state_dict, tokenizer, summary: dict) -> None:
+        """Save the model and tokenizer, write summary.json last, and rename the folder into place."""
+        if get_rank() != 0:
+            return
+        export_model.load_state_dict(state_dict)
+        export_model.save_pretrained(self.tmp)
+        tokenizer.save_pretrained(self.tmp)
+        (self.tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.tmp.rename(self.out)
+
+
+def run_stage(loop: Callable[[dict], None], config: RunConfig, stage: str, out: Path) -> Path:
+    """Run `loop` on `learner.num_workers` Ray Train workers (Ray must be up); returns `out`."""
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = config.learner.use_gpu
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "stage": stage, "out": str(out)},
+        scaling_config=config.learner.scaling_config(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=TrainRunConfig(name=stage, storage_path=str(Path(out).parent / "ray_train")),
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise StageError(f"the {stage} stage failed: {err}") from err
+    if not stage_complete(out):
+        raise StageError(f"the {stage} stage ended without writing {out / SUMMARY}")
+    return out

@@ -1,0 +1,97 @@
+"""Supervised fine-tuning: maximise log pi(response | prompt) on demonstrations, response tokens only.
+
+The loss is the mean negative log-likelihood over every response token of a global batch (all ranks),
+the prompt tokens being context only (Ouyang et al. 2022; OpenRLHF's SFT trainer masks prompts the
+same way). Each response ends with the tokenizer's EOS, so the model learns to stop. The same layout
+as PPO (`rlhf_ray.models.forward.pack_episodes`) computes it, so what SFT lowers is exactly the
+log-likelihood PPO later starts from. Held-out loss is measured before training and after each epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ray.config import RunConfig
+from rlhf_ray.learner.distributed import get_rank, global_token_mean_loss
+from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
+from rlhf_ray.models import load_tokenizer, resolve_model_path
+from rlhf_ray.models.forward import pack_episodes, response_logprobs
+from rlhf_ray.models.loading import DTYPES
+from rlhf_ray.stages.common import (
+    StageWriter, epoch_batches, global_mean, rank_slice, split_records, stage_engine_config,
+)
+
+
+def tokenize_demonstrations(records, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + EOS) per record; too long: the prompt is cut on the left, then the response."""
+    pairs = []
+    for record in records:
+        prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
+        response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        excess = len(prompt) + len(response) - max_length
+        if excess > 0:
+            cut = min(excess, len(prompt) - 1)
+            prompt, excess = prompt[cut:], excess - cut
+        if excess > 0:
+            response = response[:len(response) - excess]
+        pairs.append((prompt, response))
+    return pairs
+
+
+def response_nll(model, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood of the responses (B, R) and their mask."""
+    batch = pack_episodes([p for p, _ in pairs], [r for _, r in pairs], pad_id)
+    return -response_logprobs(model, batch), batch.response_mask
+
+
+@torch.no_grad()
+def heldout_loss(engine, pairs, pad_id: int, batch_size: int) -> float:
+    """Mean response-token NLL over the held-out demonstrations, across ranks."""
+    total = count = 0.0
+    mine = rank_slice(pairs)
+    for start in range(0, len(mine), batch_size):
+        nll, mask = response_nll(engine, mine[start:start + batch_size], pad_id)
+        total += float((nll * mask).sum())
+        count += float(mask.sum())
+    return global_mean(total, count)
+
+
+def sft_loop(loop_config: dict) -> None:
+    config = RunConfig.model_validate(loop_config["config"])
+    stage, out = config.sft, Path(loop_config["out"])
+    torch.manual_seed(config.seed)
+    base = resolve_model_path(config.expand(stage.base))
+    tokenizer = load_tokenizer(base)
+    pairs = tokenize_demonstrations(stage.data.load_sft(tokenizer), tokenizer, stage.max_length)
+    train, heldout = split_records(pairs, stage.eval_fraction, config.seed)
+    engine_cfg = stage_engine_config(stage, config)
+    engine = create_engine(AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[config.model.dtype]), engine_cfg,
+                           train_batch_size=stage.batch_size)
+    writer = StageWriter(out)
+    pad, micro = tokenizer.pad_token_id, engine_cfg.micro_batch_size
+
+    before = heldout_loss(engine, heldout, pad, micro) if heldout else None
+    writer.log({"epoch": 0, "step": 0, "sft/eval_loss": before})
+    step, eval_loss = 0, before
+    for epoch in range(stage.epochs):
+        for batch in epoch_batches(len(train), stage.batch_size, epoch, config.seed):
+            nll, mask = response_nll(engine, [train[i] for i in rank_slice(batch)], pad)
+            loss = global_token_mean_loss(nll, mask)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            writer.log({"epoch": epoch + 1, "step": step,
+                        "sft/loss": global_mean(float((nll.detach() * mask).sum()), float(mask.sum()))},
+                       show=step % 10 == 0)
+        eval_loss = heldout_loss(engine, heldout, pad, micro) if heldout else None
+        writer.log({"epoch": epoch + 1, "step": step, "sft/eval_loss": eval_loss})
+
+    state = gather_full_state_dict(engine, dtype=torch.float32)
+    export = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32) if get_rank() == 0 else None
+    writer.finish(export, state, tokenizer, {
+        "stage": "sft", "base": str(stage.base), "train_records": len(train), "eval_records": len(heldout),
+        "steps": step, "eval_loss_before": before, "eval_loss_after": eval_loss,
+    })
