@@ -7,6 +7,7 @@
     rlhf-ray jobs status|logs|stop|list ...    follow submitted jobs
     rlhf-ray scale RUN --rollout-workers K     change a running run's rollout workers
     rlhf-ray label --policy MODEL --prompts FILE --out PREFS.jsonl --annotator SPEC   sample pairs, label them
+    rlhf-ray eval RUN_OR_POLICY [--prompts PATH ...]   held-out reward, KL, win rate, BLEU/ROUGE; report.html
     rlhf-ray sample CONFIG [key=value ...]     sample a batch of episodes from the policy and score them
     rlhf-ray serve POLICY [--port P --replicas MIN:MAX --api-key KEY]   OpenAI-compatible server + feedback
     rlhf-ray feedback export DB [--out DIR]   preference dataset and rating statistics of the feedback
@@ -125,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     resize.set_defaults(func=cmd_scale)
     from rlhf_ray.jobs.cli import add_job_commands
 
+    from rlhf_ray.evaluation.cli import add_eval_commands
     from rlhf_ray.labeling import add_label_commands
 
     add_job_commands(commands)
     add_serve_commands(commands)
     add_label_commands(commands)
+    add_eval_commands(commands)
     return parser
 
 

@@ -238,7 +238,9 @@ class Sampler:
         key = (batch, max_length, self.params.max_new_tokens, id(self.tokenizer))
         if self._cached_env is None or self._cached_env[0] != key:
             env = TextGenerationVectorEnv(
-                num_envs=batch, tokenizer=self.tokenizer, reward_fn=self._env_reward,
+                # every reset passes its prompt ids; the env's own prompt list is never drawn from, and an
+                # empty one fits any max_length (the built-in prompts would not fit a short context)
+                num_envs=batch, tokenizer=self.tokenizer, prompts=[""], reward_fn=self._env_reward,
                 max_new_tokens=self.params.max_new_tokens, max_length=max_length,
                 autoreset_mode=AutoresetMode.DISABLED, copy=False,
             )
