@@ -148,6 +148,16 @@ class RolloutPool:
         if len(prompt_ids) != len(seeds):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(seeds)} seeds")
         self._ensure_ready_worker()
+        # bucket by length: each worker's chunk holds prompts of similar length, so its left-padded batch
+        # wastes fewer positions; episodes go back in prompt order (seeds travel with their prompts)
+        order = np.argsort([len(p) for p in prompt_ids], kind="stable")
+        episodes = self._generate_in_chunks([prompt_ids[i] for i in order], [seeds[i] for i in order])
+        results: list[Episode | None] = [None] * len(prompt_ids)
+        for position, index in enumerate(order):
+            results[index] = episodes[position]
+        return results
+
+    def _generate_in_chunks(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Episode]:
         bounds = np.linspace(0, len(prompt_ids), len(self.workers) + 1).astype(int)
         pending = {}  # ObjectRef -> (worker_id, start, end)
         for worker_id, start, end in zip(list(self.workers), bounds[:-1], bounds[1:]):
