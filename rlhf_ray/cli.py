@@ -64,7 +64,7 @@ def cmd_pipeline(args) -> int:
 
     config = load_config(args.config, args.overrides)
     try:
-        status = run_pipeline(config, address=args.address)
+        status = run_pipeline(config, address=args.address, stages=tuple(args.stages.split(",")))
     except (StageError, TrainingError, DataError) as err:
         print(f"rlhf-ray: {err}", file=sys.stderr)
         return 1
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe = commands.add_parser("pipeline", help="run SFT, reward model and PPO in order, skipping finished stages")
     _add_config_arguments(pipe)
     pipe.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    pipe.add_argument("--stages", default="sft,reward_model,ppo",
+                      help="comma-separated stages to run (default: all three, in order)")
     pipe.set_defaults(func=cmd_pipeline)
     show = commands.add_parser("config", help="print the resolved configuration")
     _add_config_arguments(show)
@@ -137,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow the options (`train CONFIG --fresh a.b=1`): argparse leaves them over
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as err:

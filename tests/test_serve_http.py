@@ -7,6 +7,7 @@ import json
 import socket
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import ray
@@ -284,3 +285,27 @@ def test_serve_feedback_export_writes_the_preference_dataset(server, tmp_path):
     assert [(p["chosen"], p["rejected"]) for p in ours] == [(texts[1], texts[0]), (texts[1], texts[2])]
     stats = json.loads((tmp_path / "rating_stats.json").read_text())
     assert stats["count"] >= 4 and 1 <= stats["mean"] <= 5
+
+
+def test_feedback_trains_the_next_reward_model(server, tmp_path):
+    """Serve -> users choose among n choices -> export -> the reward-model stage trains on what they chose."""
+    from rlhf_ray.rewards import RewardModelScorer
+
+    with server.client() as client:
+        for seed in (21, 22):
+            body = complete(client, n=2, max_tokens=6, seed=seed)
+            if body["choices"][0]["text"] != body["choices"][1]["text"]:
+                post_feedback(client, completion_id=body["id"], choice_index=1)
+    assert main(["feedback", "export", server.config.feedback_db, "--out", str(tmp_path / "fb")]) == 0
+    pairs = [json.loads(line) for line in (tmp_path / "fb" / "preferences.jsonl").read_text().splitlines()]
+    assert pairs
+    # the server's Ray is reused: the stage runs as a Ray Train job next to the serving replica
+    assert main(["pipeline", "experiments/pipeline.yaml", "--stages", "reward_model", f"output_dir={tmp_path}",
+                 f"reward_model.data.path={tmp_path / 'fb' / 'preferences.jsonl'}", "reward_model.batch_size=1",
+                 "reward_model.eval_fraction=0", "reward_model.epochs=1"]) == 0
+    folder = tmp_path / "pipeline" / "reward_model"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["train_pairs"] == len(pairs) and summary["steps"] == len(pairs)
+    assert not (tmp_path / "pipeline" / "sft").exists() and not (tmp_path / "pipeline" / "metrics.jsonl").exists()
+    scores = RewardModelScorer(folder)([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    assert scores.shape == (len(pairs),) and np.isfinite(scores).all()

@@ -56,8 +56,15 @@ def check_data(config: RunConfig) -> None:
         config.data.prompt_dataset.load_prompts()
 
 
-def run_pipeline(config: RunConfig, address: str | None = None, progress: bool = True) -> dict[str, str]:
-    """Run the configured stages in order; returns each stage's status: 'ran', 'skipped' or 'absent'."""
+def run_pipeline(config: RunConfig, address: str | None = None, progress: bool = True,
+                 stages: tuple[str, ...] = STAGES) -> dict[str, str]:
+    """Run the configured stages in order; returns each stage's status: 'ran', 'skipped' or 'absent'.
+
+    `stages` limits the run to some of them (e.g. only `reward_model` on newly exported feedback).
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise StageError(f"unknown stage(s) {sorted(unknown)}; the stages are {', '.join(STAGES)}")
     from rlhf_ray.pipeline.train import start_ray, train
     from rlhf_ray.stages.reward_model import reward_model_loop
     from rlhf_ray.stages.sft import sft_loop
@@ -72,6 +79,8 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     for stage, section, loop in (("sft", config.sft, sft_loop), ("reward_model", config.reward_model,
                                                                    reward_model_loop)):
         out = run_dir / stage
+        if stage not in stages:
+            continue
         if section is None:
             status[stage] = "absent"
         elif stage_complete(out):
@@ -84,6 +93,8 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
             summary = json.loads((out / "summary.json").read_text())
             print(f"[pipeline] {stage}: done, {_summary_line(summary)}")
             status[stage] = "ran"
+    if "ppo" not in stages:
+        return status
     if ppo_complete(run_dir, config.train.iterations):
         status["ppo"] = "skipped"
         print(f"[pipeline] ppo: {run_dir / 'policy'} is complete, skipped")
