@@ -146,3 +146,19 @@ def test_worker_killed_in_the_middle_of_a_chunk_loses_no_prompt(local_ray, tiny_
     assert [e.seed for e in episodes] == seeds  # every prompt once, in order
     expected = Sampler(*policy, sentiment_reward, PARAMS).generate(prompt_ids, seeds)
     assert [e.reward for e in episodes] == [e.reward for e in expected]
+
+
+def test_shared_arrays_round_trip_every_dtype_and_send_tied_weights_once():
+    import ray.cloudpickle as pickle
+
+    from rlhf_ray.rollout.worker import from_shared_arrays, to_shared_arrays
+
+    embedding = torch.randn(5, 3)
+    state = {"wte.weight": embedding, "lm_head.weight": embedding, "bias": torch.randn(3).to(torch.bfloat16),
+             "steps": torch.tensor([7], dtype=torch.int64)}
+    arrays = to_shared_arrays(state)
+    assert arrays["wte.weight"][0] is arrays["lm_head.weight"][0]  # one array for the tied pair
+    back = from_shared_arrays(pickle.loads(pickle.dumps(arrays)))
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)

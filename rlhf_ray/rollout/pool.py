@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from rlhf_ray.rollout.sampler import Episode, SamplingParams
-from rlhf_ray.rollout.worker import RemoteRolloutWorker
+from rlhf_ray.rollout.worker import RemoteRolloutWorker, to_shared_arrays
 
 logger = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -192,7 +192,7 @@ class RolloutPool:
     def set_weights(self, state_dict, version: int) -> float:
         """Send new weights to every live worker through one shared object-store copy; seconds taken."""
         start = time.perf_counter()
-        self._weights_ref = ray.put(state_dict)
+        self._weights_ref = ray.put(to_shared_arrays(state_dict))  # read in place from shared memory
         self.policy_version = version
         for handle, _ in self.starting.values():  # runs after their constructor, before any chunk
             handle.set_weights.remote(self._weights_ref, version)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
+
+import numpy as np
 
 import ray
 import torch
@@ -29,6 +32,35 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+# numpy has no bfloat16: such tensors travel as their int16 bit patterns
+_AS_NUMPY = {torch.bfloat16: torch.int16}
+
+
+def to_shared_arrays(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, str]]:
+    """A state dict as numpy arrays for `ray.put`, each tensor once (tied weights share one array).
+
+    Ray stores numpy arrays out of band and a reader maps them straight from the node's shared-memory
+    object store, where a torch tensor would be pickled into bytes and unpickled into a new copy by
+    every worker (unless RAY_ENABLE_ZERO_COPY_TORCH_TENSORS is set). A worker then copies each array
+    once, into its parameter.
+    """
+    arrays, seen = {}, {}
+    for name, tensor in state_dict.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in seen:
+            data = tensor.detach().to("cpu").contiguous()
+            seen[key] = (data.view(_AS_NUMPY.get(data.dtype, data.dtype)).numpy(), str(data.dtype).removeprefix("torch."))
+        arrays[name] = seen[key]
+    return arrays
+
+
+def from_shared_arrays(arrays: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+    """The tensors of `to_shared_arrays`, viewing the (read-only) shared arrays without a copy."""
+    with warnings.catch_warnings():  # read-only shared memory: load_state_dict only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(array).view(getattr(torch, dtype)) for name, (array, dtype) in arrays.items()}
 
 
 class RolloutWorker:
@@ -56,8 +88,10 @@ class RolloutWorker:
             episode.extra.update(timing)
         return episodes
 
-    def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        """Load full policy weights (an object-store reference resolves to the dict)."""
+    def set_weights(self, state_dict: dict, version: int) -> int:
+        """Load full policy weights: a state dict, or `to_shared_arrays` of one (what the pool sends)."""
+        if state_dict and isinstance(next(iter(state_dict.values())), tuple):
+            state_dict = from_shared_arrays(state_dict)
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         # a tied weight (lm_head = embedding) may be sent once, under either name
         tensors = self.model.state_dict(keep_vars=True)
