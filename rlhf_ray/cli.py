@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rlhf_ray.config import ConfigError, dump_config, load_config
 from rlhf_ray.serve.cli import add_serve_commands
@@ -48,12 +49,16 @@ def cmd_train(args) -> int:
     except TrainingError as err:
         print(f"rlhf-ray: {err}", file=sys.stderr)
         return 1
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    _print_reward_line(run_dir / "metrics.jsonl")
+    print(f"run folder: {run_dir}  (policy: {run_dir / 'policy'})")
+    return 0
+
+
+def _print_reward_line(metrics: Path) -> None:
+    lines = metrics.read_text().splitlines()
     first, last = json.loads(lines[0]), json.loads(lines[-1])
     print(f"reward {first['rollout/reward_mean']:+.3f} -> {last['rollout/reward_mean']:+.3f}, "
           f"kl {last['objective/kl']:.3f} after {last['iteration']} iterations")
-    print(f"run folder: {run_dir}  (policy: {run_dir / 'policy'})")
-    return 0
 
 
 def cmd_pipeline(args) -> int:
@@ -69,6 +74,8 @@ def cmd_pipeline(args) -> int:
         print(f"rlhf-ray: {err}", file=sys.stderr)
         return 1
     print("stages: " + ", ".join(f"{stage} {state}" for stage, state in status.items()))
+    if status.get("ppo") == "ran":
+        _print_reward_line(Path(config.run_dir) / "metrics.jsonl")
     print(f"run folder: {config.run_dir}")
     return 0
 
