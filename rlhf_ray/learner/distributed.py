@@ -63,6 +63,12 @@ def global_token_mean_loss(per_token: torch.Tensor, mask: torch.Tensor, total_to
     return (per_token * mask).sum() * scale
 
 
+def use_worker_cpus(cpus: int, use_gpu: bool) -> None:
+    """torch threads = the learner rank's Ray CPUs on CPU (Ray sets OMP_NUM_THREADS=1 in workers by default)."""
+    if not use_gpu:
+        torch.set_num_threads(cpus)
+
+
 def deepspeed_worker_env(use_gpu: bool) -> dict[str, str]:
     """Environment for Ray Train workers (`RunConfig(worker_runtime_env={"env_vars": ...})`).
 

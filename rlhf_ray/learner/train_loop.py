@@ -27,7 +27,7 @@ from rlhf_ray.checkpoint import (
     write_run_state,
 )
 from rlhf_ray.config import RunConfig
-from rlhf_ray.learner.distributed import get_rank, get_world_size
+from rlhf_ray.learner.distributed import get_rank, get_world_size, use_worker_cpus
 from rlhf_ray.learner.engine import EngineConfig, create_engine, create_reference_engine, gather_full_state_dict
 from rlhf_ray.learner.ppo import Reducer, make_experience, ppo_update
 from rlhf_ray.models import load_tokenizer, resolve_model_path
@@ -138,8 +138,7 @@ def ppo_train_loop(loop_config: dict) -> None:
     rank, world = get_rank(), get_world_size()
     reducer = DistributedReducer()
     torch.manual_seed(config.seed)
-    if not config.learner.use_gpu:
-        torch.set_num_threads(config.learner.cpus_per_worker)  # Ray sets OMP_NUM_THREADS=1 in workers
+    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
     dtype = DTYPES[config.model.dtype]
 
     policy_path = resolve_model_path(config.expand(config.model.policy))

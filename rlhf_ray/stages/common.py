@@ -56,14 +56,7 @@ def global_mean(total: float, count: float) -> float:
     return float(sums[0] / sums[1].clamp(min=1))
 
 
-def use_learner_threads(config: RunConfig) -> None:
-    """torch threads = the learner rank's Ray CPUs (Ray sets OMP_NUM_THREADS=1 in workers by default)."""
-    if not config.learner.use_gpu:
-        torch.set_num_threads(config.learner.cpus_per_worker)
-
-
 def stage_engine_config(stage: StageConfig, config: RunConfig) -> EngineConfig:
-    use_learner_threads(config)
     world = get_world_size()
     if stage.batch_size % world:
         raise StageError(f"batch_size ({stage.batch_size}) must be a multiple of learner.num_workers ({world})")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.learner.distributed import all_reduce_sum, get_rank
+from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, use_worker_cpus
 from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
 from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.loading import DTYPES
@@ -70,6 +70,7 @@ def reward_model_loop(loop_config: dict) -> None:
     config = RunConfig.model_validate(loop_config["config"])
     stage, out = config.reward_model, Path(loop_config["out"])
     torch.manual_seed(config.seed)
+    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
     base = resolve_model_path(config.expand(stage.base))
     tokenizer = load_tokenizer(base)
     tokenizer.padding_side, tokenizer.truncation_side = "right", "left"

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.learner.distributed import get_rank, global_token_mean_loss
+from rlhf_ray.learner.distributed import get_rank, global_token_mean_loss, use_worker_cpus
 from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
 from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
@@ -63,6 +63,7 @@ def sft_loop(loop_config: dict) -> None:
     config = RunConfig.model_validate(loop_config["config"])
     stage, out = config.sft, Path(loop_config["out"])
     torch.manual_seed(config.seed)
+    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
     base = resolve_model_path(config.expand(stage.base))
     tokenizer = load_tokenizer(base)
     pairs = tokenize_demonstrations(stage.data.load_sft(tokenizer), tokenizer, stage.max_length)
