@@ -10,6 +10,7 @@ stderr with a `[name]` prefix. The table then takes from each JSON:
 | benchmark | measure | baseline (same run) | goal |
 |---|---|---|---|
 | rollout | sampler tokens/s, per case | HF `generate` tokens/s | ratio >= 1.0 |
+| rollout | continuous batching tokens/s (episodes of varied length) | `generate`; static batches | ratio >= 1.0 |
 | ppo | learner tokens/s of a PPO iteration | DeepSpeed causal-LM training tokens/s | ratio >= 0.4 |
 | sync | seconds per `RolloutPool.set_weights` | `ray.put` + `ray.get` of the same weights | <= 1 s (135M, 2 workers) |
 | scaling | pool tokens/s with k workers | k x tokens/s with 1 worker | ratio (efficiency) >= 0.8 |
@@ -45,7 +46,8 @@ def commands(args) -> dict[str, list[str]]:
     scaling_workers = ["--workers", *map(str, args.scaling_workers)] if args.scaling_workers else []
     if args.quick:
         return {
-            "rollout": ["--cases", "tiny_gpt2_b64_sample", "--repeats", "1", "--min-seconds", "0"],
+            "rollout": ["--cases", "tiny_gpt2_b64_sample", "--continuous-cases", "", "--repeats", "1",
+                        "--min-seconds", "0"],
             "ppo": ["--iterations", "2", "rollout.batch_size=8", "rollout.max_new_tokens=4", "ppo.minibatch_size=8",
                     "ppo.epochs=1"],
             "sync": ["--quick", "--workers", str(args.sync_workers)],
@@ -132,10 +134,19 @@ def row(benchmark: str, measure: str, value: float | None, baseline: float | Non
 
 
 def rollout_rows(result: dict) -> list[dict]:
-    return [row("rollout", f"rollout tok/s, {r['case']} (vs HF generate)", r["sampler_tokens_per_s"],
+    rows = [row("rollout", f"rollout tok/s, {r['case']} (vs HF generate)", r["sampler_tokens_per_s"],
                 r["generate_tokens_per_s"], r["sampler_vs_generate_ratio"], "ratio ≥ 1.0",
                 r["sampler_vs_generate_ratio"] >= 1.0, "tok/s")
             for r in result["results"]]
+    for r in result.get("continuous_results", []):
+        what = f"{r['prompts']} episodes, ≤ {r['max_batch']} at once, mean length {r['mean_response_length']:.0f}"
+        rows.append(row("rollout", f"continuous batching tok/s, {what} (vs HF generate in batches of {r['max_batch']})",
+                        r["continuous_tokens_per_s"], r["generate_tokens_per_s"], r["continuous_vs_generate_ratio"],
+                        "ratio ≥ 1.0", r["continuous_vs_generate_ratio"] >= 1.0, "tok/s"))
+        rows.append(row("rollout", f"continuous batching tok/s, same episodes (vs static batches of {r['max_batch']})",
+                        r["continuous_tokens_per_s"], r["static_tokens_per_s"], r["continuous_vs_static_ratio"],
+                        unit="tok/s"))
+    return rows
 
 
 def ppo_rows(result: dict) -> list[dict]:

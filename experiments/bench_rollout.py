@@ -23,6 +23,20 @@ least `--repeats` times (more for short cases, until `--min-seconds`), interleav
 warm-up each, and the median is reported. `<case>_ratio` in the JSON is sampler tokens/s ÷ generate
 tokens/s (wall time); each result also has the same ratio in process CPU time, which other load on
 the machine disturbs less, and the load average is printed with the table.
+
+Continuous batching (`--continuous-cases`): N prompts, at most `max_batch` decoded at once, and EOS is
+allowed (the output layer's EOS bias makes it end an episode with probability `eos_p` per step), so
+episodes end at different steps. Three ways to make the same N episodes:
+
+- continuous: `Sampler(max_batch=M).generate(all N)`; a row whose episode ends takes the next prompt;
+- static: `Sampler.generate` on consecutive slices of M prompts; each slice runs until its longest
+  episode ends (rows whose episodes ended are dropped once half of them have);
+- generate: `model.generate` on the same slices of M.
+
+Continuous and static make the same episodes from the same seeds, up to float rounding: the batch
+shapes differ, and on a nearly flat 50k-token distribution a draw can land within rounding of a token
+boundary (about 1 episode in 100 here); `episodes_equal` is the fraction made alike. Tokens/s counts
+each episode's response tokens up to and including EOS.
 """
 
 from __future__ import annotations
@@ -59,6 +73,22 @@ CASES = [
     Case("tiny_gpt2_b64_greedy", "tiny-gpt2", 64, 16, 32, greedy=True),
     Case("gpt2_4x256_b32_sample", "gpt2-4x256", 32, 32, 32, greedy=False),
     Case("gpt2_4x256_b32_greedy", "gpt2-4x256", 32, 32, 32, greedy=True),
+]
+
+
+@dataclass(frozen=True)
+class ContinuousCase:
+    name: str
+    model: str
+    prompts: int  # N episodes
+    max_batch: int  # M rows decoded at once
+    prompt_length: int
+    new_tokens: int
+    eos_p: float  # probability of EOS per step (the model is random: its other logits are nearly flat)
+
+
+CONTINUOUS_CASES = [
+    ContinuousCase("gpt2_4x256_n96_m16_eos", "gpt2-4x256", 96, 16, 16, 48, eos_p=0.06),
 ]
 
 
@@ -139,6 +169,84 @@ def time_generate(model, tokenizer, prompts: list[list[int]], case: Case, iterat
     return Timing(time.perf_counter() - wall, time.process_time() - cpu, int(response.numel()), response.tolist())
 
 
+def bias_eos(model, eos_token_id: int, probability: float, vocab_size: int) -> None:
+    """An output-layer bias on EOS that makes it about `probability` likely when the other logits are flat."""
+    forbid_eos(model, eos_token_id)
+    bias = float(np.log(probability / (1 - probability) * (vocab_size - 1)))
+    with torch.no_grad():
+        model.get_output_embeddings().bias[eos_token_id] = bias
+
+
+def response_tokens(rows: list[list[int]], eos_token_id: int) -> int:
+    """Response tokens up to and including the first EOS of each row."""
+    return sum(row.index(eos_token_id) + 1 if eos_token_id in row else len(row) for row in rows)
+
+
+def run_continuous_case(case: ContinuousCase, repeats: int) -> dict:
+    model, tokenizer = build_model(case.model)
+    bias_eos(model, tokenizer.eos_token_id, case.eos_p, len(tokenizer))
+    prompts = make_prompts(tokenizer, case.prompts, case.prompt_length, seed=2)
+    params = SamplingParams(max_new_tokens=case.new_tokens)
+    continuous = Sampler(model, tokenizer, zero_reward, params, max_batch=case.max_batch)
+    static = Sampler(model, tokenizer, zero_reward, params)
+    slices = [prompts[i:i + case.max_batch] for i in range(0, case.prompts, case.max_batch)]
+    gen_case = Case(case.name, case.model, case.max_batch, case.prompt_length, case.new_tokens, greedy=False)
+
+    def run_continuous(iteration):
+        return time_sampler(continuous, prompts, iteration)
+
+    def run_static(iteration):
+        wall, cpu = time.perf_counter(), time.process_time()
+        seeds = [episode_seed(0, iteration, i) for i in range(case.prompts)]
+        episodes = [e for i in range(0, case.prompts, case.max_batch)
+                    for e in static.generate(prompts[i:i + case.max_batch], seeds[i:i + case.max_batch])]
+        return Timing(time.perf_counter() - wall, time.process_time() - cpu,
+                      sum(len(e.response_ids) for e in episodes), [e.response_ids.tolist() for e in episodes])
+
+    def run_generate(iteration):
+        runs = [time_generate(model, tokenizer, chunk, gen_case, iteration * 1000 + i) for i, chunk in enumerate(slices)]
+        rows = [row for run in runs for row in run.responses]
+        return Timing(sum(r.wall_s for r in runs), sum(r.cpu_s for r in runs),
+                      response_tokens(rows, tokenizer.eos_token_id), rows)
+
+    sides = {"continuous": run_continuous, "static": run_static, "generate": run_generate}
+    for run in sides.values():  # warm-up
+        run(0)
+    timings = {name: [] for name in sides}
+    equal = []  # fraction of episodes that continuous and static batching made alike, per run
+    for i in range(1, repeats + 1):  # interleaved
+        for name, run in sides.items():
+            timings[name].append(run(i))
+        same = [x == y for x, y in zip(timings["continuous"][-1].responses, timings["static"][-1].responses)]
+        equal.append(sum(same) / len(same))
+    tps = {name: statistics.median(r.tokens / r.wall_s for r in runs) for name, runs in timings.items()}
+    mean_length = statistics.mean(r.tokens for r in timings["continuous"]) / case.prompts
+    return {
+        "case": case.name, "model": case.model, "prompts": case.prompts, "max_batch": case.max_batch,
+        "prompt_length": case.prompt_length, "new_tokens": case.new_tokens, "eos_p": case.eos_p, "repeats": repeats,
+        "mean_response_length": mean_length,
+        # below 1 only where float rounding (other batch shapes) moved a draw across a token boundary
+        "episodes_equal": min(equal),
+        **{f"{name}_tokens_per_s": value for name, value in tps.items()},
+        **{f"{name}_wall_s": [r.wall_s for r in runs] for name, runs in timings.items()},
+        "continuous_vs_static_ratio": tps["continuous"] / tps["static"],
+        "continuous_vs_generate_ratio": tps["continuous"] / tps["generate"],
+    }
+
+
+def print_continuous_table(results: list[dict], threads: int) -> None:
+    print(f"\ncontinuous batching: tokens/s to make N episodes, at most M at once (median, torch threads = {threads})")
+    header = (f"{'case':<26} {'N':>4} {'M':>4} {'R':>4} {'mean len':>9} {'continuous':>11} {'static':>8} "
+              f"{'generate':>9} {'vs static':>10} {'vs generate':>12} {'alike':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['case']:<26} {r['prompts']:>4} {r['max_batch']:>4} {r['new_tokens']:>4} "
+              f"{r['mean_response_length']:>9.1f} {r['continuous_tokens_per_s']:>11.0f} {r['static_tokens_per_s']:>8.0f} "
+              f"{r['generate_tokens_per_s']:>9.0f} {r['continuous_vs_static_ratio']:>10.2f} "
+              f"{r['continuous_vs_generate_ratio']:>12.2f} {r['episodes_equal']:>6.0%}")
+
+
 def run_case(case: Case, repeats: int, min_seconds: float, max_repeats: int = 60) -> dict:
     model, tokenizer = build_model(case.model)
     forbid_eos(model, tokenizer.eos_token_id)
@@ -208,22 +316,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep timing pairs of runs until a case has been timed this long (at most 60 pairs)")
     parser.add_argument("--cases", default=",".join(c.name for c in CASES),
                         help=f"comma-separated subset of {[c.name for c in CASES]}")
+    parser.add_argument("--continuous-cases", default=",".join(c.name for c in CONTINUOUS_CASES),
+                        help=f"comma-separated subset of {[c.name for c in CONTINUOUS_CASES]}; '' for none")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
     by_name = {c.name: c for c in CASES}
-    unknown = [n for n in args.cases.split(",") if n not in by_name]
+    unknown = [n for n in args.cases.split(",") if n and n not in by_name]
+    continuous_by_name = {c.name: c for c in CONTINUOUS_CASES}
+    unknown += [n for n in args.continuous_cases.split(",") if n and n not in continuous_by_name]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}; expected some of {list(by_name)}")
+        parser.error(f"unknown case(s) {unknown}; expected some of {list(by_name) + list(continuous_by_name)}")
     torch.set_num_threads(args.threads)  # one setting for both sides
 
     load_before = os.getloadavg()  # other processes on the machine make wall times noisy; recorded, not corrected
     results = []
-    for name in args.cases.split(","):
+    for name in filter(None, args.cases.split(",")):
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results.append(run_case(by_name[name], args.repeats, args.min_seconds))
+    continuous = []
+    for name in filter(None, args.continuous_cases.split(",")):
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        continuous.append(run_continuous_case(continuous_by_name[name], max(3, args.repeats // 2)))
     load_after = os.getloadavg()
-    print_table(results, args.threads)
+    if results:
+        print_table(results, args.threads)
+    if continuous:
+        print_continuous_table(continuous, args.threads)
     print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
 
     if args.json:
@@ -233,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                   "cpus": os.cpu_count(),
                   "torch": torch.__version__, "transformers": transformers.__version__,
                   "load_average_before": load_before[0], "load_average_after": load_after[0],
-                  "results": results,
+                  "results": results, "continuous_results": continuous,
                   **{f"{r['case']}_ratio": r["sampler_vs_generate_ratio"] for r in results},
-                  "min_ratio": min(r["sampler_vs_generate_ratio"] for r in results)}
+                  "min_ratio": min((r["sampler_vs_generate_ratio"] for r in results), default=None)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

@@ -75,6 +75,46 @@ def test_episodes_do_not_depend_on_how_prompts_are_split(tiny):
     assert [e.response_ids.tolist() for e in whole] == [e.response_ids.tolist() for e in split]
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=12, temperature=5.0),  # hot: EOS is likely, so rows free up at different steps
+    SamplingParams(max_new_tokens=12, temperature=5.0, top_k=45, top_p=0.98),
+    SamplingParams(max_new_tokens=12, greedy=True),
+])
+def test_continuous_batching_gives_the_episodes_of_one_static_batch(tiny, params):
+    model, tokenizer = tiny
+    prompts = (BUILTIN_PROMPTS * 3)[:20]
+    ids, seeds = encode(tokenizer, prompts), seeds_for(len(prompts), run_seed=3)
+    static = Sampler(model, tokenizer, sentiment_reward, params).generate(ids, seeds)
+    lengths = [len(e.response_ids) for e in static]
+    if not params.greedy:  # the case this test is about: episodes end at different steps
+        assert min(lengths) < max(lengths)
+    # 20 episodes through 3 rows: rows are refilled many times and, with the cache full, its oldest
+    # columns are dropped (capacity 2 x (prompt + response) columns < the ~80 steps taken)
+    for max_batch in (3, 7):
+        continuous = Sampler(model, tokenizer, sentiment_reward, params, max_batch=max_batch).generate(ids, seeds)
+        assert [e.response_ids.tolist() for e in continuous] == [e.response_ids.tolist() for e in static]
+        assert [(e.eos, e.reward, e.prompt, e.response) for e in continuous] == [
+            (e.eos, e.reward, e.prompt, e.response) for e in static]
+        for a, b in zip(continuous, static):
+            torch.testing.assert_close(torch.as_tensor(a.behaviour_logprobs), torch.as_tensor(b.behaviour_logprobs),
+                                       atol=1e-5, rtol=0)
+
+
+def test_continuous_batching_logprobs_equal_a_fresh_forward_pass(tiny):
+    model, tokenizer = tiny
+    prompts = (BUILTIN_PROMPTS * 2)[:10]
+    params = SamplingParams(max_new_tokens=10, temperature=4.0)
+    episodes = Sampler(model, tokenizer, sentiment_reward, params, max_batch=2).generate(
+        encode(tokenizer, prompts), seeds_for(len(prompts)))
+    batch = pack_episodes([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
+                          tokenizer.pad_token_id)
+    with torch.no_grad():
+        fresh = response_logprobs(model, batch, temperature=params.temperature)
+    for row, episode in enumerate(episodes):
+        n = len(episode.response_ids)
+        torch.testing.assert_close(torch.as_tensor(episode.behaviour_logprobs), fresh[row, :n], atol=1e-5, rtol=0)
+
+
 def test_same_seed_same_episode_other_seed_other_episode(tiny):
     model, tokenizer = tiny
     ids = encode(tokenizer, ["the movie was"] * 2)
@@ -141,3 +181,5 @@ def test_prompt_and_seed_counts_must_match(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         Sampler(model, tokenizer, sentiment_reward).generate([[3], [4]], [0])
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        Sampler(model, tokenizer, sentiment_reward, max_batch=0)

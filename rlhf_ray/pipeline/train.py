@@ -73,7 +73,7 @@ def check_resources(config: RunConfig) -> None:
 
 def rollout_pool(config: RunConfig) -> RolloutPool:
     spec = WorkerSpec(policy=config.expand(config.model.policy), reward=reward_spec(config), params=sampling_params(config),
-                      max_length=config.rollout.max_length, dtype=config.model.dtype,
+                      max_length=config.rollout.max_length, max_batch=config.rollout.max_batch, dtype=config.model.dtype,
                       use_gpu=config.rollout.use_gpu, num_cpus=config.rollout.num_cpus,
                       actor_options={"resources": dict(config.rollout.resources)} if config.rollout.resources else {})
     return RolloutPool(spec, num_workers=config.rollout.workers.min, name=f"{config.name}-rollout")

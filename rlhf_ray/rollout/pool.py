@@ -32,6 +32,7 @@ class WorkerSpec:
     reward: str | dict  # a reward spec, or a `reward` config section with "{run}" already expanded
     params: SamplingParams
     max_length: int | None = None
+    max_batch: int | None = None  # episodes a worker decodes at once (continuous batching); None: its whole chunk
     dtype: str = "float32"
     use_gpu: bool = False
     num_cpus: float = 1.0
@@ -81,7 +82,7 @@ class RolloutPool:
                    "max_restarts": 0, **self.spec.actor_options}
         handle = RemoteRolloutWorker.options(**options).remote(
             worker_id, self.spec.policy, self.spec.reward, self.spec.params, self.spec.max_length,
-            self.spec.dtype, self.spec.use_gpu)
+            self.spec.dtype, self.spec.use_gpu, self.spec.max_batch)
         if self._weights_ref is not None:  # catch up with the learner before the first chunk
             handle.set_weights.remote(self._weights_ref, self.policy_version)
         self.starting[worker_id] = (handle, handle.info.remote())

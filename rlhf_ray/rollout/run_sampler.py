@@ -46,5 +46,5 @@ def sample_from_config(config: RunConfig, iteration: int = 0) -> list[Episode]:
     prompt_ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in indices]
     seeds = [episode_seed(config.seed, iteration, i) for i in range(config.rollout.batch_size)]
     sampler = Sampler(model, tokenizer, build_reward(reward_spec(config)), sampling_params(config),
-                      max_length=config.rollout.max_length)
+                      max_length=config.rollout.max_length, max_batch=config.rollout.max_batch)
     return sampler.generate(prompt_ids, seeds)

@@ -11,7 +11,8 @@ Details that decide whether PPO trains (shared/PPO_DETAILS.md):
   *unfiltered* distribution, which is what the learner recomputes from the finished sequence
   (top-k/top-p only decide which token is drawn);
 - each episode's randomness is a stream of uniforms derived from its own seed, so an episode's
-  tokens do not depend on which other prompts share its batch or worker.
+  tokens do not depend on which other prompts share its batch or worker (up to float rounding of
+  other batch shapes: a draw within rounding of a token boundary can fall the other way).
 
 What keeps it fast (shared/DESIGN.md, "What is hard"; experiments/bench_rollout.py measures it against
 HF `generate`), none of which changes a token or a log-probability:
@@ -22,7 +23,10 @@ HF `generate`), none of which changes a token or a log-probability:
 - per step, one (B, V) log-softmax, one device-to-host copy (the actions the env needs), and the
   (B, V) tensors are freed before the next forward pass; the division by a temperature of 1 and
   the top-k/top-p passes are skipped when they would change nothing;
-- the vector env is built once per batch shape and reset, not rebuilt, for each batch.
+- the vector env is built once per batch shape and reset, not rebuilt, for each batch;
+- continuous batching (`max_batch`): at most that many episodes are decoded at once, and a row whose
+  episode ends takes the next prompt (`DecodeBatch.refill`), so no row idles while prompts wait; once no
+  prompt is left, rows whose episodes ended are dropped from the batch when they are half of it.
 """
 
 from __future__ import annotations
@@ -179,9 +183,31 @@ def _preallocated_layer_class():
             self._key_buffer[:, :, self.length:end] = key_states
             self._value_buffer[:, :, self.length:end] = value_states
             self.length = end
-            self.keys = self._key_buffer[:, :, :end]  # (B, H, end, D) views
-            self.values = self._value_buffer[:, :, :end]
+            self._refresh_views()
             return self.keys, self.values
+
+        def _refresh_views(self) -> None:
+            self.keys = self._key_buffer[:, :, :self.length]  # (B, H, length, D) views
+            self.values = self._value_buffer[:, :, :self.length]
+
+        def write_rows(self, rows: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """Copy another cache's (k, H, w, D) keys and values into `rows`, columns [start, start + w)."""
+            end = start + keys.shape[-2]
+            self._key_buffer[rows, :, start:end] = keys
+            self._value_buffer[rows, :, start:end] = values
+
+        def drop_front(self, columns: int) -> None:
+            """Forget the first `columns` positions of every row (no row attends to them any more)."""
+            keep = self.length - columns
+            self._key_buffer[:, :, :keep] = self._key_buffer[:, :, columns:self.length].clone()
+            self._value_buffer[:, :, :keep] = self._value_buffer[:, :, columns:self.length].clone()
+            self.length = keep
+            self._refresh_views()
+
+        def keep_rows(self, rows: torch.Tensor) -> None:
+            """Keep only the batch rows `rows`, in that order."""
+            self._key_buffer, self._value_buffer = self._key_buffer[rows], self._value_buffer[rows]
+            self._refresh_views()
 
     return PreallocatedLayer
 
@@ -205,11 +231,127 @@ def preallocated_cache(model, capacity: int):
     return cache
 
 
+class DecodeBatch:
+    """The model side of B episodes decoded together: KV cache, attention mask and next positions.
+
+    Columns are shared by all rows (column j of every row's cache was written by the same forward pass);
+    a row's real tokens are the columns its mask marks. `refill` puts a new prompt into a row whose episode
+    has ended: the prompt is prefilled in its own forward pass and its keys and values are copied into
+    the row, right-aligned to the current last column, so the row continues with the next decoding step.
+    When the cache is full, the leading columns no live row attends to are dropped (`capacity` must leave
+    room for one prompt and one response beyond the oldest live row's start). Models whose cache layers
+    are not plain full-attention layers (sliding windows...) cannot be refilled (`refillable` is False).
+    """
+
+    def __init__(self, model, pad_id: int, capacity: int):
+        self.model, self.pad_id, self.capacity = model, pad_id, capacity
+        params = forward_parameters(type(model))
+        # transformers 5 renamed `past_key_values` to `cache` (argument and output)
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # only the last position's logits are sampled from: skips the (B, P, V) output layer in the prefill,
+        # as HF `generate` does
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.ready_mask = takes_ready_decode_mask(model)
+        self.cache = preallocated_cache(model, capacity)
+        self.refillable = self.cache is not None
+        self.device = next(model.parameters()).device
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self.cache_arg: cache}, **self.extra)
+        cache = out[self.cache_arg] if self.cache_arg in out else out.past_key_values
+        return out.logits[:, -1, :].float(), cache  # (B, V)
+
+    def prefill(self, prompt_ids: list) -> torch.Tensor:
+        """Start every row with its prompt; the next-token logits (B, V)."""
+        input_ids, prompt_mask = left_pad(prompt_ids, self.pad_id)  # (B, P)
+        batch, width = input_ids.shape
+        # The mask of the whole cache, allocated once: step t attends to a view of the first columns instead
+        # of a new tensor from torch.cat every step. Columns to the right of a row's prompt are 1: decoding
+        # steps fill them. Rows whose episode ended keep attending; their filler tokens are never read.
+        self.mask = torch.ones((batch, self.capacity), dtype=torch.long, device=self.device)  # (B, C)
+        self.mask[:, :width] = prompt_mask
+        # Under SDPA a one-token step of a plain causal model takes this boolean (B, 1, 1, C) mask as is,
+        # where the model would rebuild it from the 2D mask every step.
+        self.mask_4d = self.mask.bool()[:, None, None, :] if self.ready_mask else None
+        lengths = prompt_mask.sum(-1)  # (B,)
+        self.start = (width - lengths).to(self.device)  # (B,) first column of each row's tokens
+        self.next_position = lengths.to(self.device)  # (B,) position id of each row's next token
+        self.length = width  # columns written
+        logits, self.cache = self._forward(input_ids.to(self.device), prompt_mask.to(self.device),
+                                           position_ids_from_mask(prompt_mask).to(self.device), self.cache)
+        return logits
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One step: every row's token (B,) in, the next-token logits (B, V) out."""
+        if self.length == self.capacity:
+            self._drop_leading_columns()
+        width = self.length + 1
+        mask = self.mask_4d[..., :width] if self.mask_4d is not None else self.mask[:, :width]
+        logits, self.cache = self._forward(tokens[:, None], mask, self.next_position[:, None], self.cache)
+        self.length = width
+        self.next_position += 1
+        return logits
+
+    def refill(self, rows: np.ndarray, prompt_ids: list) -> torch.Tensor:
+        """Start new episodes in `rows` (their old ones have ended); their next-token logits (k, V)."""
+        input_ids, prompt_mask = left_pad(prompt_ids, self.pad_id)  # (k, w)
+        width = input_ids.shape[1]
+        if width > self.length:
+            raise ValueError(f"a refilled prompt of {width} tokens does not fit left of column {self.length}")
+        prompt_mask = prompt_mask.to(self.device)
+        logits, fresh = self._forward(input_ids.to(self.device), prompt_mask, position_ids_from_mask(prompt_mask),
+                                      preallocated_cache(self.model, width))
+        index = torch.as_tensor(rows, device=self.device)
+        first = self.length - width
+        for layer, new in zip(self.cache.layers, fresh.layers):
+            layer.write_rows(index, first, new.keys, new.values)
+        row_mask = torch.ones((len(rows), self.capacity), dtype=torch.long, device=self.device)
+        row_mask[:, :first] = 0
+        row_mask[:, first:self.length] = prompt_mask
+        self.mask[index] = row_mask
+        if self.mask_4d is not None:
+            self.mask_4d[index] = row_mask.bool()[:, None, None, :]
+        lengths = prompt_mask.sum(-1)
+        self.start[index] = self.length - lengths
+        self.next_position[index] = lengths
+        return logits
+
+    def retire(self, rows: np.ndarray) -> None:
+        """Rows whose episode ended: their columns may be dropped."""
+        self.start[torch.as_tensor(rows, device=self.device)] = self.capacity
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Go on with the batch rows `rows` only (the others' episodes have ended)."""
+        index = torch.as_tensor(rows, device=self.device)
+        for layer in self.cache.layers:
+            layer.keep_rows(index)
+        self.mask, self.start, self.next_position = self.mask[index], self.start[index], self.next_position[index]
+        if self.mask_4d is not None:
+            self.mask_4d = self.mask_4d[index]
+
+    def _drop_leading_columns(self) -> None:
+        drop = int(self.start.min().clamp(max=self.length))
+        if drop == 0:
+            raise RuntimeError(f"the KV cache of {self.capacity} positions is full of live tokens")
+        for layer in self.cache.layers:
+            layer.drop_front(drop)
+        keep = self.length - drop
+        self.mask[:, :keep] = self.mask[:, drop:self.length].clone()
+        self.mask[:, keep:] = 1
+        if self.mask_4d is not None:
+            self.mask_4d.copy_(self.mask.bool()[:, None, None, :])
+        self.start -= drop
+        self.length = keep
+
+
 class Sampler:
     """Generates episodes for a batch of prompts with a causal LM and a reward function."""
 
     def __init__(self, model, tokenizer, reward_fn, params: SamplingParams = SamplingParams(),
-                 max_length: int | None = None):
+                 max_length: int | None = None, max_batch: int | None = None):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
         self.model = model
         self.tokenizer = tokenizer
         self.reward_fn = as_reward_function(reward_fn)
@@ -217,6 +359,7 @@ class Sampler:
         self._env_reward = RewardFunction(self._timed_reward, name=self.reward_fn.name)
         self.params = params
         self.max_length = max_length  # context limit; None: longest prompt + max_new_tokens
+        self.max_batch = max_batch  # episodes decoded at once; None: all prompts of a call
         self.last_reward_s = 0.0  # seconds spent in the reward function by the last `generate`
         self._cached_env: tuple[tuple, TextGenerationVectorEnv] | None = None  # (shape key, env) of the last call
 
@@ -247,98 +390,116 @@ class Sampler:
             self._cached_env = (key, env)
         return self._cached_env[1]
 
+    def _next_tokens(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's token (B,) and its behaviour log-probability (B,) from next-token logits (B, V)."""
+        params = self.params
+        if params.temperature != 1.0:  # x / 1.0 == x: skip a (B, V) pass
+            logits = logits / params.temperature
+        # (torch's log_softmax on CPU is faster than its logsumexp, even for the argmax's log-prob alone)
+        logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+        if params.greedy:
+            tokens = torch.argmax(logits, dim=-1)  # (B,) the logits' argmax, as `generate` takes it
+        else:
+            probs = filter_top_k_top_p(logprobs.exp(), params.top_k, params.top_p)  # (B, V)
+            tokens = inverse_cdf_sample(probs, uniforms)  # (B,)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]] | list[np.ndarray], seeds: list[int]) -> list[Episode]:
-        """Sample one episode per prompt; `seeds[b]` alone decides the randomness of episode b."""
+        """Sample one episode per prompt; `seeds[b]` alone decides the randomness of episode b.
+
+        At most `max_batch` episodes are decoded at once; when one ends, the next prompt takes its row
+        (continuous batching), and once no prompt is left the rows whose episodes ended are dropped.
+        """
         if len(prompt_ids) != len(seeds):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(seeds)} seeds")
         if not prompt_ids:
             return []
         params, pad_id = self.params, self.tokenizer.pad_token_id
-        batch, new_tokens = len(prompt_ids), params.max_new_tokens
-        max_length = self.max_length or max(len(p) for p in prompt_ids) + new_tokens
-        env = self._env(batch, max_length)
+        total, new_tokens = len(prompt_ids), params.max_new_tokens
+        slots = min(self.max_batch or total, total)
+        prompt_width = max(len(p) for p in prompt_ids)  # of all prompts: a refill fits left of any step's column
+        # a static batch needs one prompt and one response; refills need room for one more of each
+        # beyond the oldest live row (see DecodeBatch)
+        batch = DecodeBatch(self.model, pad_id, (prompt_width + new_tokens) * (1 if slots == total else 2))
+        if slots < total and not batch.refillable:  # the model's cache cannot take rows: batches one after another
+            return [episode for first in range(0, total, slots)
+                    for episode in self._static_batch(prompt_ids, seeds, first, slots)]
         self.last_reward_s = 0.0
-        env.reset(options={"prompt_ids": [list(map(int, p)) for p in prompt_ids]})
+        env = self._env(slots, self.max_length or prompt_width + new_tokens)
+        device = batch.device
 
-        device = self.device
-        uniforms = None  # (B, R); greedy draws nothing
+        def on_device(indices: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(indices).to(device)
+
+        uniforms = None  # (N, R); greedy draws nothing
         if not params.greedy:
             uniforms = torch.as_tensor(episode_uniforms(list(seeds), new_tokens), dtype=torch.float32).to(device)
-        input_ids, prompt_mask = left_pad(prompt_ids, pad_id)  # (B, P)
-        prompt_width = input_ids.shape[1]
-        input_ids = input_ids.to(device)
-        # The mask of the whole episode, allocated once: step t attends to the first P + t columns, a
-        # view, instead of a new (B, P + t) tensor from torch.cat every step. Finished rows keep 1s:
-        # their filler tokens are never read.
-        attention_mask = torch.ones((batch, prompt_width + new_tokens), dtype=torch.long, device=device)  # (B, P + R)
-        attention_mask[:, :prompt_width] = prompt_mask
-        position_ids = position_ids_from_mask(attention_mask[:, :prompt_width])  # (B, P)
-        # Without left padding HF skips the decoding mask anyway (SDPA needs none for one query token).
-        decode_mask = (attention_mask.bool()[:, None, None, :]  # (B, 1, 1, P + R)
-                       if takes_ready_decode_mask(self.model) and not bool(prompt_mask.all()) else None)
-        step_logprobs = torch.zeros((batch, new_tokens), dtype=torch.float32, device=device)  # (B, R)
-        responses = np.full((batch, new_tokens), pad_id, dtype=np.int64)  # (B, R)
-        response_lengths = np.zeros(batch, dtype=np.int64)  # (B,)
-        done = np.zeros(batch, dtype=bool)
-        rewards = np.zeros(batch, dtype=np.float64)
-        eos = np.zeros(batch, dtype=bool)
-        texts: list[tuple[str, str] | None] = [None] * batch
+        step_logprobs = torch.zeros((total, new_tokens), dtype=torch.float32, device=device)  # (N, R)
+        responses = np.full((total, new_tokens), pad_id, dtype=np.int64)  # (N, R)
+        response_lengths = np.zeros(total, dtype=np.int64)  # (N,)
+        rewards, eos = np.zeros(total, dtype=np.float64), np.zeros(total, dtype=bool)
+        texts: list[tuple[str, str] | None] = [None] * total
 
-        forward_kwargs = {"use_cache": True}
-        forward_params = forward_parameters(type(self.model))
-        # transformers 5 renamed `past_key_values` to `cache` (argument and output)
-        cache_arg = "cache" if "cache" in forward_params else "past_key_values"
-        forward_kwargs[cache_arg] = preallocated_cache(self.model, prompt_width + new_tokens)
-        if "logits_to_keep" in forward_params:
-            # only the last position's logits are sampled from: skips the (B, P, V) output layer in
-            # the prefill, as HF `generate` does
-            forward_kwargs["logits_to_keep"] = 1
-        for step in range(new_tokens):
-            width = prompt_width + step  # tokens the model has seen after this step's input
-            step_mask = (attention_mask[:, :width] if step == 0 or decode_mask is None
-                         else decode_mask[..., :width])  # (B, P + t) or (B, 1, 1, P + t)
-            out = self.model(input_ids=input_ids, attention_mask=step_mask, position_ids=position_ids,
-                             **forward_kwargs)
-            forward_kwargs[cache_arg] = out[cache_arg] if cache_arg in out else out.past_key_values
-            logits = out.logits[:, -1, :].float()  # (B, V)
-            if params.temperature != 1.0:  # x / 1.0 == x: skip a (B, V) pass
-                logits = logits / params.temperature
-            logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
-            if params.greedy:
-                tokens = torch.argmax(logits, dim=-1)  # (B,)
-            else:
-                probs = filter_top_k_top_p(logprobs.exp(), params.top_k, params.top_p)  # (B, V)
-                tokens = inverse_cdf_sample(probs, uniforms[:, step])  # (B,)
-                del probs
-            if done.any():  # finished envs ignore their action; send the pad token as filler
-                tokens = tokens.masked_fill(torch.from_numpy(done).to(device), pad_id)
-            step_logprobs[:, step] = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-            # free the (B, V) tensors now, not when the next step rebinds the names: the allocator can then
-            # give their memory to the next step's logits instead of mapping fresh pages (as HF `generate`
-            # does with `del outputs`)
-            del out, logits, logprobs
-            actions = tokens.cpu().numpy()  # (B,) the one device-to-host copy of a step
-            active = ~done
-            responses[active, step] = actions[active]
-            response_lengths += active
+        slot_episode = np.arange(slots)  # (S,) episode each env slot holds; -1: none
+        slot_step = np.zeros(slots, dtype=np.int64)  # (S,) tokens its episode has so far
+        row_slot = np.arange(slots)  # (B,) the env slot of each model row (B < S once rows are dropped)
+        queued = slots  # next prompt to start
+        env.reset(options={"prompt_ids": [list(map(int, p)) for p in prompt_ids[:slots]]})
+        logits = batch.prefill(prompt_ids[:slots])  # (B, V)
+        while True:
+            row_episode, row_step = slot_episode[row_slot], slot_step[row_slot]  # (B,)
+            live = np.flatnonzero(row_episode >= 0)
+            row_uniforms = None
+            if uniforms is not None:  # rows without an episode draw from episode 0's stream; their token is filler
+                row_uniforms = uniforms[on_device(np.maximum(row_episode, 0)),
+                                        on_device(np.minimum(row_step, new_tokens - 1))]
+            tokens, logprobs = self._next_tokens(logits, row_uniforms)
+            del logits  # free the (B, V) tensors before the next forward pass, as HF `generate` does
+            live_episodes, live_steps = row_episode[live], row_step[live]
+            step_logprobs[on_device(live_episodes), on_device(live_steps)] = logprobs[on_device(live)]
+            row_tokens = tokens.cpu().numpy()  # (B,) the one device-to-host copy of a step
+            responses[live_episodes, live_steps] = row_tokens[live]
+            actions = np.full(slots, pad_id, dtype=np.int64)  # finished envs ignore their action: filler
+            actions[row_slot[live]] = row_tokens[live]
+            slot_step[row_slot[live]] += 1
 
             _, step_rewards, terminated, truncated, infos = env.step(actions)
-            finished = terminated | truncated
-            if finished.any():
-                rewards[finished] = step_rewards[finished]
-                eos[terminated] = True
-                for b in np.flatnonzero(finished):
-                    texts[b] = (infos["prompt"][b], infos["response"][b])
-                done |= finished
-            if done.all():
-                break
-            input_ids = tokens[:, None]  # (B, 1)
-            position_ids = position_ids[:, -1:] + 1  # (B, 1)
+            finished = np.flatnonzero(terminated | truncated)  # slots
+            for slot in finished:
+                episode = slot_episode[slot]
+                rewards[episode], eos[episode] = step_rewards[slot], terminated[slot]
+                texts[episode] = (infos["prompt"][slot], infos["response"][slot])
+                response_lengths[episode] = slot_step[slot]
+                slot_episode[slot] = -1
+            if finished.size:
+                batch.retire(np.flatnonzero(np.isin(row_slot, finished)))
+            free_rows = np.flatnonzero(slot_episode[row_slot] < 0)
+            if queued == total:
+                if free_rows.size == len(row_slot):
+                    break
+                if free_rows.size * 2 >= len(row_slot):  # no prompt left: go on with the live rows only
+                    keep = np.flatnonzero(slot_episode[row_slot] >= 0)
+                    batch.keep_rows(keep)
+                    row_slot, tokens = row_slot[keep], tokens[on_device(keep)]
+                    free_rows = free_rows[:0]
+            logits = batch.decode(tokens)
+            if queued < total and free_rows.size:
+                rows = free_rows[: total - queued]
+                started = np.arange(queued, queued + len(rows))
+                queued += len(rows)
+                slot_episode[row_slot[rows]], slot_step[row_slot[rows]] = started, 0
+                reset_mask = np.zeros(slots, dtype=bool)
+                reset_mask[row_slot[rows]] = True
+                slot_prompts: list[list[int]] = [[] for _ in range(slots)]
+                for slot, episode in zip(row_slot[rows], started):
+                    slot_prompts[slot] = list(map(int, prompt_ids[episode]))
+                env.reset(options={"prompt_ids": slot_prompts, "reset_mask": reset_mask})
+                logits[on_device(rows)] = batch.refill(rows, [prompt_ids[e] for e in started])
 
-        logprobs = step_logprobs.cpu().numpy()  # (B, R)
+        logprobs = step_logprobs.cpu().numpy()  # (N, R)
         episodes = []
-        for b in range(batch):
+        for b in range(total):
             length = int(response_lengths[b])
             prompt, response = texts[b]
             episodes.append(Episode(
@@ -351,4 +512,11 @@ class Sampler:
         parts = reward_components(self.reward_fn, [e.prompt for e in episodes], [e.response for e in episodes])
         for episode, components in zip(episodes, parts or ()):
             episode.extra["reward_components"] = components
+        return episodes
+
+    def _static_batch(self, prompt_ids, seeds, first: int, size: int) -> list[Episode]:
+        """Episodes of prompts [first, first + size) as one static batch; reward time adds up."""
+        spent = self.last_reward_s if first else 0.0
+        episodes = self.generate(prompt_ids[first:first + size], seeds[first:first + size])
+        self.last_reward_s += spent
         return episodes

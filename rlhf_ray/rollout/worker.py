@@ -67,11 +67,13 @@ class RolloutWorker:
     """Generates episodes for chunks of prompts with the policy of a given version."""
 
     def __init__(self, worker_id: str, policy: str, reward: str | dict, params: SamplingParams,
-                 max_length: int | None = None, dtype: str = "float32", use_gpu: bool = False):
+                 max_length: int | None = None, dtype: str = "float32", use_gpu: bool = False,
+                 max_batch: int | None = None):
         self.worker_id = worker_id
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_policy(policy, dtype=DTYPES[dtype], device=device)
-        self.sampler = Sampler(self.model, self.tokenizer, build_reward(reward, device=device), params, max_length)
+        self.sampler = Sampler(self.model, self.tokenizer, build_reward(reward, device=device), params, max_length,
+                               max_batch)
         self.policy_version = 0
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], version: int) -> list[Episode]:
