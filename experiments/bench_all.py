@@ -12,6 +12,7 @@ stderr with a `[name]` prefix. The table then takes from each JSON:
 | rollout | sampler tokens/s, per case | HF `generate` tokens/s | ratio >= 1.0 |
 | rollout | continuous batching tokens/s (episodes of varied length) | `generate`; static batches | ratio >= 1.0 |
 | ppo | learner tokens/s of a PPO iteration | DeepSpeed causal-LM training tokens/s | ratio >= 0.4 |
+| learner | PPO update tokens/s, micro-batches + fused AdamW | one pass per minibatch, foreach AdamW | none |
 | sync | seconds per `RolloutPool.set_weights` | `ray.put` + `ray.get` of the same weights | <= 1 s (135M, 2 workers) |
 | scaling | pool tokens/s with k workers | k x tokens/s with 1 worker | ratio (efficiency) >= 0.8 |
 | serve | batched requests/s, highest concurrency | unbatched requests/s | none |
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("rollout", "ppo", "sync", "scaling", "serve")
+NAMES = ("rollout", "ppo", "learner", "sync", "scaling", "serve")
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -50,12 +51,14 @@ def commands(args) -> dict[str, list[str]]:
                         "--min-seconds", "0"],
             "ppo": ["--iterations", "2", "rollout.batch_size=8", "rollout.max_new_tokens=4", "ppo.minibatch_size=8",
                     "ppo.epochs=1"],
+            "learner": ["--episodes", "8", "--minibatch", "4", "--max-new-tokens", "8", "--micro-batch-tokens", "40",
+                        "--repeats", "1"],
             "sync": ["--quick", "--workers", str(args.sync_workers)],
             "scaling": ["--quick", *scaling_workers],
             "serve": ["--concurrency", "4", "--requests", "8", "--repeats", "1", "--max-tokens", "4", "--no-engine"],
         }
-    return {"rollout": [], "ppo": [], "sync": ["--workers", str(args.sync_workers)], "scaling": scaling_workers,
-            "serve": []}
+    return {"rollout": [], "ppo": [], "learner": [], "sync": ["--workers", str(args.sync_workers)],
+            "scaling": scaling_workers, "serve": []}
 
 
 def machine() -> dict:
@@ -156,6 +159,14 @@ def ppo_rows(result: dict) -> list[dict]:
                 ratio >= 0.4, "tok/s")]
 
 
+def learner_rows(result: dict) -> list[dict]:
+    base = result["results"][0]
+    return [row("learner", f"PPO update tok/s, {r['setting']} ({r['padded_tokens']} padded tokens; vs {base['setting']}, "
+                           f"{base['padded_tokens']})", r["tokens_per_s"], base["tokens_per_s"], r["speedup"],
+                unit="tok/s")
+            for r in result["results"][1:]]
+
+
 def sync_rows(result: dict) -> list[dict]:
     # the goal is stated for a 135M-parameter fp32 model and 2 workers; other settings are reported, not judged
     judged = result["parameters"] >= 100e6 and result["workers"] == 2 and result["dtype"] == "float32"
@@ -187,7 +198,7 @@ def serve_rows(result: dict) -> list[dict]:
                 unbatched["requests_per_s"], batched["requests_per_s"] / unbatched["requests_per_s"], unit="req/s")]
 
 
-ROWS = {"rollout": rollout_rows, "ppo": ppo_rows, "sync": sync_rows, "scaling": scaling_rows, "serve": serve_rows}
+ROWS = {"rollout": rollout_rows, "ppo": ppo_rows, "learner": learner_rows, "sync": sync_rows, "scaling": scaling_rows, "serve": serve_rows}
 
 
 def number(value: float | None) -> str:

@@ -96,6 +96,30 @@ def test_policy_loss_dual_clip():
     assert_close(logp.grad, torch.tensor([[0.0, 0.5, 0.0, 0.0]]))
 
 
+def test_policy_loss_weights_off_policy_tokens_by_proximal_over_behaviour():
+    # Decoupled PPO: old_logp is the proximal policy's (0 here), the sampler's is behaviour_logp; clip_eps 0.2,
+    # behaviour_weight_cap 1.5. A third token is padding.
+    #   token  ratio  A    max(-A*ratio, -A*clip)   w = pi_prox / pi_behaviour       loss x w
+    #   0      1.1    1    -1.1 (inside the range)  1 / 0.5 = 2, capped at 1.5      -1.65
+    #   1      1.5   -1     1.5 (unclipped larger)  1 / 0.8 = 1.25                  1.875
+    # loss = (-1.65 + 1.875) / 2 = 0.1125; behaviour_weight_mean = (1.5 + 1.25) / 2 = 1.375
+    # d loss / d logp = -A * ratio * w / 2: -1.1 * 1.5 / 2 = -0.825 and 1.5 * 1.25 / 2 = 0.9375
+    logp = _log_ratios(1.1, 1.5, 1.0).requires_grad_(True)
+    behaviour = torch.tensor([[math.log(0.5), math.log(0.8), -50.0]])
+    mask, advantages = torch.tensor([[1, 1, 0]]), torch.tensor([[1.0, -1.0, 3.0]])
+    loss, stats = policy_loss(logp, torch.zeros(1, 3), advantages, mask, clip_eps=0.2, behaviour_logp=behaviour,
+                              behaviour_weight_cap=1.5)
+    assert loss.item() == pytest.approx(0.1125, abs=1e-6)
+    assert stats["behaviour_weight_mean"].item() == pytest.approx(1.375, abs=1e-6)
+    loss.backward()
+    assert_close(logp.grad, torch.tensor([[-0.825, 0.9375, 0.0]]))
+    # on-policy (behaviour == proximal) the weights are 1: the plain PPO loss
+    plain, _ = policy_loss(logp.detach(), torch.zeros(1, 3), advantages, mask, clip_eps=0.2)
+    same, _ = policy_loss(logp.detach(), torch.zeros(1, 3), advantages, mask, clip_eps=0.2,
+                          behaviour_logp=torch.zeros(1, 3))
+    assert same.item() == pytest.approx(plain.item())
+
+
 def test_dual_clip_must_exceed_one():
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), dual_clip=0.5)

@@ -3,20 +3,23 @@
 The episodes are fixed (sampled once in the test), the two ranks hold different numbers of response
 tokens, and the update runs two epochs with a critic: whitening across ranks, the global token
 mean of the losses and the engines' gradient averaging all have to be right for the parameters to
-match the single-process computation.
+match the single-process computation. With a token budget per micro-batch the ranks also split
+their minibatches into different numbers of micro-batches, which have to pair up across ranks and
+add up to the same gradients.
 """
 
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.learner import EngineConfig, deepspeed_worker_env, make_optimizer
-from rlhf_ray.learner.ppo import Reducer, TorchEngine, make_experience, ppo_update
+from rlhf_ray.learner.ppo import Reducer, TorchEngine, make_experience, micro_batches, ppo_update
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.value import ValueModel
 from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed
@@ -43,11 +46,11 @@ def models():
     return actor, critic, reference, tokenizer
 
 
-def one_update(actor, critic, reference, episodes, pad_id, reducer):
+def one_update(actor, critic, reference, episodes, pad_id, reducer, max_tokens=None):
     experience, rollout_stats = make_experience(episodes, actor, critic, reference, PPO, PPO.kl.coef,
-                                                TEMPERATURE, pad_id, reducer)
+                                                TEMPERATURE, pad_id, reducer, max_tokens)
     stats = ppo_update(actor, critic, experience, PPO, PPO.kl.coef, TEMPERATURE,
-                       torch.Generator().manual_seed(reducer.rank), reducer)
+                       torch.Generator().manual_seed(reducer.rank), reducer, max_tokens)
     return {**rollout_stats, **stats}
 
 
@@ -65,19 +68,19 @@ def sharded_update(config: dict) -> dict:
     episodes = config["episodes"]
     half = len(episodes) // NUM_WORKERS
     stats = one_update(actor, critic, reference, episodes[reducer.rank * half:(reducer.rank + 1) * half],
-                       tokenizer.pad_token_id, reducer)
+                       tokenizer.pad_token_id, reducer, config["max_tokens"][reducer.rank])
     actor_state, critic_state = gather_full_state_dict(actor), gather_full_state_dict(critic)
     if reducer.rank == 0:
         torch.save({"actor": actor_state, "critic": critic_state, "stats": stats}, config["out"])
     return stats
 
 
-def single_process_update(episodes):
+def single_process_update(episodes, max_tokens=None, reducer=Reducer()):
     actor, critic, reference, tokenizer = models()
     cfg = EngineConfig(**ENGINE)
     actor_engine = TorchEngine(actor, make_optimizer(actor, cfg), cfg.max_grad_norm)
     critic_engine = TorchEngine(critic, make_optimizer(critic, cfg), cfg.max_grad_norm)
-    stats = one_update(actor_engine, critic_engine, reference, episodes, tokenizer.pad_token_id, Reducer())
+    stats = one_update(actor_engine, critic_engine, reference, episodes, tokenizer.pad_token_id, reducer, max_tokens)
     return actor.state_dict(), critic.state_dict(), stats
 
 
@@ -103,9 +106,47 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+class MaxOver(Reducer):
+    """A reducer whose other ranks hold `others` (for `max`)."""
+
+    def __init__(self, *others):
+        self.others = others
+
+    def max(self, tensor):
+        return torch.stack([tensor, *map(torch.as_tensor, self.others)]).max()
+
+
+def test_micro_batches_take_rows_longest_first_within_the_token_budget():
+    prompts, responses = [3, 2, 4, 1, 2], [5, 1, 4, 0, 6]  # totals 8, 3, 8, 1, 8
+    # longest first (ties in order): rows 0, 2, 4, 1, 3. Row 0 costs 1 x (3 + 5) = 8; adding row 2 would cost
+    # 2 x (4 + 5) = 18 > 16, so it starts a new micro-batch; rows 2 + 4: 2 x (4 + 6) = 20 > 16; rows 4 + 1:
+    # 2 x (2 + 6) = 16, fits; + row 3: 3 x 8 = 24, does not
+    groups = micro_batches(np.array(prompts), np.array(responses), max_tokens=16)
+    assert [g.tolist() for g in groups] == [[0], [2], [4, 1], [3]]
+    # another rank needs 6: the largest group is split, then empty groups (run with weight 0) make up the rest
+    groups = micro_batches(np.array(prompts), np.array(responses), max_tokens=16, reducer=MaxOver(6))
+    assert [g.tolist() for g in groups] == [[0], [2], [4], [1], [3], []]
+    assert [g.tolist() for g in micro_batches(np.array(prompts), np.array(responses), None)] == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("others", [(), (10,)])  # (10,): another rank needs 10 passes, 2 of them empty here
+def test_micro_batched_update_equals_the_one_pass_update(episodes, reference_update, others):
+    actor_state, critic_state, stats = reference_update
+    micro_actor, micro_critic, micro_stats = single_process_update(episodes, max_tokens=24, reducer=MaxOver(*others))
+    for name, expected in actor_state.items():
+        torch.testing.assert_close(micro_actor[name], expected, atol=2e-5, rtol=1e-4, msg=name)
+    for name, expected in critic_state.items():
+        torch.testing.assert_close(micro_critic[name], expected, atol=2e-5, rtol=1e-4, msg=name)
+    for name in ("policy/loss", "val/vf_loss", "objective/kl", "policy/approxkl", "objective/entropy"):
+        assert micro_stats[name] == pytest.approx(stats[name], rel=1e-4, abs=1e-6), name
+
+
+# (None, None): each minibatch in one pass; (100, 13): rank 0 needs one pass per minibatch, rank 1 four, so
+# rank 0 splits its minibatch to pair up with rank 1
+@pytest.mark.parametrize("zero_stage,max_tokens", [(2, (None, None)), (3, (None, None)), (2, (100, 13)),
+                                                   (3, (100, 13))])
 def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes, reference_update,
-                                                             zero_stage, tmp_path):
+                                                             zero_stage, max_tokens, tmp_path):
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -114,7 +155,7 @@ def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes
     out = tmp_path / "update.pt"
     TorchTrainer(
         sharded_update,
-        train_loop_config={"zero_stage": zero_stage, "episodes": episodes, "out": str(out)},
+        train_loop_config={"zero_stage": zero_stage, "episodes": episodes, "out": str(out), "max_tokens": max_tokens},
         scaling_config=ScalingConfig(num_workers=NUM_WORKERS, use_gpu=False),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name="ppo", storage_path=str(tmp_path / "ray_results"),

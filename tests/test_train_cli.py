@@ -49,6 +49,21 @@ def test_train_without_critic_grpo(tmp_path):
     assert not (tmp_path / "grpo" / "checkpoints" / "iter_000001" / "critic").exists()
 
 
+def test_train_with_overlap_micro_batches_and_continuous_batching(tmp_path):
+    """Rollouts one version behind the learner (decoupled PPO), token-budget micro-batches, 3 rows per worker."""
+    proc = run_train(tmp_path, "name=fast", "train.iterations=3", "rollout.overlap=true", "rollout.max_batch=3",
+                     "learner.micro_batch_tokens=40")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    # iteration 1 waits for its episodes; iterations 2 and 3 train on episodes made while the learner
+    # trained on the one before, by the policy of one version earlier
+    assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]
+    assert "policy/behaviour_weight_mean" not in rows[0]
+    assert all(0.5 < r["policy/behaviour_weight_mean"] <= 2.0 for r in rows[1:])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "fast" / "policy").config.vocab_size == 54
+
+
 def test_train_config_error_exits_2_before_starting_ray(tmp_path):
     proc = run_train(tmp_path, "ppo.epoch=3")
     assert proc.returncode == 2

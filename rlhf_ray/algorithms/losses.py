@@ -62,6 +62,8 @@ def policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     dual_clip: float | None = None,
+    behaviour_logp: torch.Tensor | None = None,
+    behaviour_weight_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate, token-level masked mean over the batch.
 
@@ -69,6 +71,13 @@ def policy_loss(
     sampling time; advantages (B, T). dual_clip: c > 1 caps the loss at −A·c where A < 0.
     Returns (loss, stats) with detached scalars `clipfrac`, `approxkl`, `ratio_mean`, and
     `dual_clipfrac` when dual_clip is set.
+
+    Off-policy samples (decoupled PPO, Hilton et al. 2022, "Batch size-invariance for policy
+    optimization"): when the tokens were sampled by an older policy than the learner's at the start of
+    the update, old_logp is that *proximal* policy's (the learner's before the update) and
+    behaviour_logp (B, T) the sampler's. The clipping then keeps π near the proximal policy, and each
+    token's loss is weighted by π_prox / π_behaviour, truncated at `behaviour_weight_cap` (as V-trace
+    truncates its ratios); the mean weight is `behaviour_weight_mean` in the stats.
     """
     m = _check_mask(logp, mask)
     if dual_clip is not None and dual_clip <= 1.0:
@@ -86,6 +95,10 @@ def policy_loss(
         dual_clipped = (advantages < 0) & (losses > dual_cap)  # (B, T)
         losses = torch.where(advantages < 0, torch.minimum(losses, dual_cap), losses)
         stats["dual_clipfrac"] = masked_mean(dual_clipped.to(logp.dtype), m)
+    if behaviour_logp is not None:
+        weights = torch.exp(_fill_masked(old_logp - behaviour_logp, m)).clamp(max=behaviour_weight_cap).detach()
+        losses = losses * weights
+        stats["behaviour_weight_mean"] = masked_mean(weights, m)
     loss = masked_mean(losses, m)
     with torch.no_grad():
         # approx KL http://joschu.net/blog/kl-approx.html

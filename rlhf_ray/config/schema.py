@@ -45,6 +45,12 @@ class RolloutConfig(_Section):
     batch_size: int = Field(32, ge=1)  # prompts per PPO iteration
     max_new_tokens: int = Field(16, ge=1)
     max_length: int | None = Field(None, ge=2)  # context limit; None: the longest prompt + max_new_tokens
+    # episodes a worker decodes at once; when one ends, the next prompt of its chunk takes its row
+    # (continuous batching). None: the whole chunk as one batch
+    max_batch: int | None = Field(None, ge=1)
+    # generate iteration k + 1 while the learner trains on k: rollout and update overlap, and the episodes
+    # are one policy version old, which decoupled PPO corrects (ppo.behaviour_weight_cap). Off by default
+    overlap: bool = False
     sampling: SamplingConfig = SamplingConfig()
     workers: WorkersConfig = WorkersConfig()
     num_cpus: float = Field(1.0, gt=0.0)  # Ray CPUs reserved by each rollout worker
@@ -115,6 +121,8 @@ class PPOConfig(_Section):
     minibatch_size: int = Field(8, ge=1)  # episodes per optimizer step, over all learner ranks
     clip_eps: float = Field(0.2, gt=0.0)
     dual_clip: float | None = Field(None, gt=1.0)
+    # overlapped rollouts (rollout.overlap): each token's loss is weighted by pi_learner / pi_sampler, at most this
+    behaviour_weight_cap: float = Field(2.0, ge=1.0)
     value_clip_eps: float | None = Field(0.2, gt=0.0)
     vf_coef: float = Field(0.1, ge=0.0)
     entropy_coef: float = Field(0.0, ge=0.0)
@@ -136,13 +144,6 @@ class LearnerConfig(_Section):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)  # Ray CPUs of each learner rank, and its torch threads on CPU
-
-    def scaling_config(self):
-        """Ray Train's ScalingConfig for the learner group."""
-        from ray.train import ScalingConfig
-
-        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
     zero_stage: Literal[2, 3] = 2
     lr: float = Field(1e-5, gt=0.0)
     critic_lr: float | None = Field(None, gt=0.0)  # None: lr
@@ -151,6 +152,18 @@ class LearnerConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     bf16: bool = False  # GPU only
     gradient_checkpointing: bool = False
+    fused_optimizer: bool = True  # torch's fused AdamW kernel (CPU and CUDA)
+    # padded tokens (rows x (longest prompt + longest response)) per forward/backward pass of a rank:
+    # a PPO minibatch runs as several micro-batches of similar lengths whose gradients add up before its
+    # one optimizer step (bounds activation memory, cuts padding). None: each minibatch in one pass
+    micro_batch_tokens: int | None = Field(None, ge=1)
+
+    def scaling_config(self):
+        """Ray Train's ScalingConfig for the learner group."""
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
 
 
 class TrainConfig(_Section):

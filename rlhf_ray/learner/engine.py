@@ -66,6 +66,9 @@ class EngineConfig(BaseModel):
     micro_batch_size: int = Field(8, ge=1)  # sequences per rank per forward/backward
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per rank per optimizer step
     gradient_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
+    # torch's fused AdamW kernel (one kernel for all parameters; CPU and CUDA): ~7x faster steps than the
+    # foreach implementation on CPU, same update up to float rounding
+    fused_optimizer: bool = True
     # dropout off for good (PPO_DETAILS: deterministic forward passes); the engine's module is then put in
     # train mode, which HF gradient checkpointing needs (it is skipped in eval mode)
     disable_dropout: bool = True
@@ -111,6 +114,9 @@ def build_deepspeed_config(cfg: EngineConfig, world_size: int, train_batch_size:
         "train_batch_size": per_step * accumulation,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
+        # without DeepSpeed's own accumulation, `step()` is the boundary and `backward()` only adds gradients
+        # up: a step may then take any number of micro-batches (PPO's token-budget micro-batches)
+        "managed_gradient_accumulation": accumulation > 1,
         "gradient_clipping": cfg.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.bf16},
@@ -169,7 +175,7 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 def make_optimizer(model: torch.nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
     """The torch AdamW a `create_engine` learner uses (also the one-process reference in tests)."""
     return torch.optim.AdamW(optimizer_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.adam_eps)
+                             eps=cfg.adam_eps, fused=cfg.fused_optimizer or None)
 
 
 def create_engine(model: torch.nn.Module, cfg: EngineConfig, train_batch_size: int | None = None):

@@ -33,12 +33,15 @@ from rlhf_ray.models.value import response_values
 
 
 class Reducer:
-    """Sums over data-parallel ranks; this base class is the single-process identity."""
+    """Sums (and maxima) over data-parallel ranks; this base class is the single-process identity."""
 
     world_size = 1
     rank = 0
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
 
@@ -71,6 +74,9 @@ class Experience:
     values: torch.Tensor | None  # None without a critic
     advantages: torch.Tensor
     returns: torch.Tensor | None
+    # off-policy episodes: the sampler's log-probs, while old_logprobs are the proximal policy's (the
+    # learner's at the start of the update); None when the episodes came from that policy
+    behaviour_logprobs: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -80,16 +86,57 @@ class Experience:
         return self.batch.input_ids.shape[0]
 
     def select(self, index: torch.Tensor) -> "Experience":
-        picked = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, PackedBatch):
-                value = PackedBatch(value.input_ids[index], value.attention_mask[index],
-                                    value.response_mask[index], value.prompt_width)
-            elif value is not None:
-                value = value[index]
-            picked[f.name] = value
-        return Experience(**picked)
+        """The rows `index`, trimmed to the columns they use (the same logits, less padding)."""
+        batch = self.batch.select(index)
+        first, responses = batch.used_columns()
+        return Experience(batch.trim(first, responses), *(
+            None if tensor is None else tensor[index, :responses]
+            for tensor in (self.old_logprobs, self.ref_logprobs, self.values, self.advantages, self.returns,
+                           self.behaviour_logprobs)))
+
+
+def micro_batches(prompt_lengths: np.ndarray, response_lengths: np.ndarray, max_tokens: int | None,
+                  reducer: Reducer = Reducer()) -> list[np.ndarray]:
+    """Rows of a minibatch grouped into micro-batches of at most `max_tokens` padded tokens each.
+
+    A micro-batch costs rows x (its longest prompt + its longest response), the width it is trimmed to, so
+    rows are taken longest first and a micro-batch closes when the next row would pass the budget (a row
+    longer than the budget goes alone). Every rank runs as many micro-batches as the rank that needs the
+    most (ZeRO reduces gradients in every backward and ZeRO-3 gathers parameters in every forward, so
+    the ranks' passes must pair up): a rank that needs fewer splits its largest micro-batches, and gets
+    empty ones (to run with zero weight) only when it has fewer rows than micro-batches.
+    None: the whole minibatch as one micro-batch.
+    """
+    rows = len(prompt_lengths)
+    if max_tokens is None:
+        groups = [np.arange(rows)]
+    else:
+        groups, current, width_p, width_r = [], [], 0, 0
+        for row in np.argsort(-(prompt_lengths + response_lengths), kind="stable"):
+            p, r = max(width_p, prompt_lengths[row]), max(width_r, response_lengths[row], 1)
+            if current and (len(current) + 1) * (p + r) > max_tokens:
+                groups.append(np.array(current))
+                current, p, r = [], prompt_lengths[row], max(response_lengths[row], 1)
+            current.append(row)
+            width_p, width_r = p, r
+        groups.append(np.array(current, dtype=np.int64))
+    count = int(reducer.max(torch.tensor(len(groups))).item())
+    while len(groups) < count:
+        largest = max(range(len(groups)), key=lambda g: len(groups[g]))
+        if len(groups[largest]) < 2:
+            groups.append(np.zeros(0, dtype=np.int64))
+            continue
+        half = len(groups[largest]) // 2
+        groups[largest:largest + 1] = [groups[largest][:half], groups[largest][half:]]
+    return groups
+
+
+def run_micro_batches(experience: Experience, groups: list[np.ndarray]):
+    """(micro-batch, weight) per group: an empty group runs row 0 with weight 0, keeping the ranks paired."""
+    device = experience.mask.device
+    for rows in groups:
+        weight = 1.0 if len(rows) else 0.0
+        yield experience.select(torch.as_tensor(rows if len(rows) else [0], device=device)), weight
 
 
 def sequence_scores(rewards: np.ndarray, eos: np.ndarray, cfg: PPOConfig) -> torch.Tensor:
@@ -108,8 +155,15 @@ def _global_mean(value_sum: torch.Tensor, count: torch.Tensor, reducer: Reducer)
 
 @torch.no_grad()
 def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef: float,
-                    temperature: float, pad_id: int, reducer: Reducer = Reducer()) -> tuple[Experience, dict]:
-    """Experience and rollout statistics from this rank's episodes (whole prompt groups for GRPO/RLOO)."""
+                    temperature: float, pad_id: int, reducer: Reducer = Reducer(),
+                    max_tokens: int | None = None, proximal: bool = False) -> tuple[Experience, dict]:
+    """Experience and rollout statistics from this rank's episodes (whole prompt groups for GRPO/RLOO).
+
+    The reference and critic passes run in micro-batches of at most `max_tokens` padded tokens.
+    `proximal`: the episodes were sampled by an older policy than the actor's (overlapped rollouts), so
+    the actor's own log-probs are computed too, as the proximal policy of decoupled PPO (`policy_loss`);
+    every rank must pass the same value (the pass is a collective under ZeRO-3).
+    """
     batch = pack_episodes([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_id)
     mask = batch.response_mask  # (B, R)
     old_logprobs = torch.zeros_like(mask)
@@ -118,9 +172,29 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     device = _device_of(actor)
     batch, old_logprobs = batch.to(device), old_logprobs.to(device)
     mask = batch.response_mask
-    ref_logits = response_logits(reference, batch, temperature)  # (B, R, V)
-    ref_logprobs = torch.log_softmax(ref_logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
-    del ref_logits
+    groups = micro_batches(np.array([len(e.prompt_ids) for e in episodes]),
+                           np.array([len(e.response_ids) for e in episodes]), max_tokens, reducer)
+    ref_logprobs = torch.zeros_like(mask)  # (B, R)
+    critic_values = torch.zeros_like(mask) if cfg.advantage_estimator == "gae" else None
+    proximal_logprobs = torch.zeros_like(mask) if proximal else None
+    for rows in groups:
+        if not len(rows):  # pairs up with another rank's pass; nothing to keep
+            rows = np.zeros(1, dtype=np.int64)
+        index = torch.as_tensor(rows, device=device)
+        micro = batch.select(index)
+        micro = micro.trim(*micro.used_columns())
+        width = micro.response_mask.shape[1]
+        logits = response_logits(reference, micro, temperature)  # (b, r, V)
+        ref_logprobs[index, :width] = torch.log_softmax(logits, -1).gather(
+            -1, micro.response_ids.unsqueeze(-1)).squeeze(-1) * micro.response_mask
+        del logits
+        if critic_values is not None:
+            critic_values[index, :width] = response_values(critic, micro) * micro.response_mask
+        if proximal_logprobs is not None:
+            logits = response_logits(actor, micro, temperature)
+            proximal_logprobs[index, :width] = torch.log_softmax(logits, -1).gather(
+                -1, micro.response_ids.unsqueeze(-1)).squeeze(-1) * micro.response_mask
+            del logits
     scores = sequence_scores([e.reward for e in episodes], [e.eos for e in episodes], cfg).to(device)  # (B,)
 
     kl_cfg = cfg.kl
@@ -130,7 +204,7 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
         # with the KL as a loss term (in_reward false) the reward is the score alone
         reward_kl_coef = kl_coef if kl_cfg.in_reward else 0.0
         rewards, _ = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, kl_cfg.estimator)
-        values = response_values(critic, batch)  # (B, R)
+        values = critic_values  # (B, R)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     else:
         sequence_returns = scores - (kl_coef * kl.sum(-1) if kl_cfg.in_reward else 0.0)  # (B,)
@@ -148,6 +222,8 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
         "objective/rlhf_reward": _global_mean(scores.sum() - kl_coef * kl.sum(), count, reducer),
         "objective/kl_coef": kl_coef,
     }
+    if proximal_logprobs is not None:
+        return Experience(batch, proximal_logprobs, ref_logprobs, values, advantages, returns, old_logprobs), stats
     return Experience(batch, old_logprobs, ref_logprobs, values, advantages, returns), stats
 
 
@@ -157,12 +233,14 @@ def _device_of(engine) -> torch.device:
 
 
 def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: float, temperature: float,
-               generator: torch.Generator, reducer: Reducer = Reducer()) -> dict:
+               generator: torch.Generator, reducer: Reducer = Reducer(), max_tokens: int | None = None) -> dict:
     """`cfg.epochs` passes of clipped PPO over shuffled minibatches; returns mean statistics.
 
-    `cfg.minibatch_size` counts episodes over all ranks; each rank takes its share of its shard.
-    The losses are token means over the *global* minibatch: each rank scales its local token mean
-    by (local tokens x ranks / global tokens) before the engines average gradients over ranks.
+    `cfg.minibatch_size` counts episodes over all ranks; each rank takes its share of its shard, in
+    micro-batches of at most `max_tokens` padded tokens (`micro_batches`), whose gradients add up
+    before the one optimizer step of the minibatch. The losses are token means over the *global*
+    minibatch: each micro-batch scales its token mean by (its tokens x ranks / global tokens) before
+    the engines average gradients over ranks.
     """
     local_minibatch = cfg.minibatch_size // reducer.world_size
     if len(experience) % local_minibatch:
@@ -172,36 +250,49 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
     for _epoch in range(cfg.epochs):
         order = torch.randperm(len(experience), generator=generator)
         for start in range(0, len(experience), local_minibatch):
-            mb = experience.select(order[start:start + local_minibatch].to(experience.mask.device))
-            mask = mb.mask
-            local_tokens = mask.sum()
+            index = order[start:start + local_minibatch]
+            rows = index.to(experience.mask.device)
+            local_tokens = experience.mask[rows].sum()
             global_tokens = reducer.sum(local_tokens.detach().clone())
-            scale = local_tokens * reducer.world_size / global_tokens
+            groups = micro_batches(experience.batch.prompt_lengths()[rows].cpu().numpy(),
+                                   experience.mask[rows].sum(-1).long().cpu().numpy(), max_tokens, reducer)
+            sums: dict[str, torch.Tensor] = {}  # token-weighted sums of this rank's statistics
+            for mb, weight in run_micro_batches(experience, [index.numpy()[group] for group in groups]):
+                mask = mb.mask
+                tokens = mask.sum() * weight
+                scale = tokens * reducer.world_size / global_tokens
 
-            # Policy loss
-            logits = response_logits(actor, mb.batch, temperature)  # (b, R, V)
-            logprobs = torch.log_softmax(logits, -1).gather(-1, mb.batch.response_ids.unsqueeze(-1)).squeeze(-1)
-            pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, cfg.clip_eps, cfg.dual_clip)
-            entropy = masked_entropy(logits, mask)
-            loss = pg_loss - cfg.entropy_coef * entropy
-            if not cfg.kl.in_reward:
-                loss = loss + kl_coef * kl_loss(logprobs, mb.ref_logprobs, mask, cfg.kl.estimator)
-            actor.backward(loss * scale)
+                # Policy loss
+                logits = response_logits(actor, mb.batch, temperature)  # (b, r, V)
+                logprobs = torch.log_softmax(logits, -1).gather(-1, mb.batch.response_ids.unsqueeze(-1)).squeeze(-1)
+                pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, cfg.clip_eps,
+                                                cfg.dual_clip, mb.behaviour_logprobs, cfg.behaviour_weight_cap)
+                entropy = masked_entropy(logits, mask)
+                loss = pg_loss - cfg.entropy_coef * entropy
+                if not cfg.kl.in_reward:
+                    loss = loss + kl_coef * kl_loss(logprobs, mb.ref_logprobs, mask, cfg.kl.estimator)
+                del logits
+                actor.backward(loss * scale)
+                step_stats = {"policy/loss": pg_loss.detach(), "objective/entropy": entropy.detach(),
+                              "policy/clipfrac": pg_stats["clipfrac"], "policy/approxkl": pg_stats["approxkl"],
+                              "policy/ratio_mean": pg_stats["ratio_mean"]}
+                if "behaviour_weight_mean" in pg_stats:
+                    step_stats["policy/behaviour_weight_mean"] = pg_stats["behaviour_weight_mean"]
+
+                # Value loss
+                if critic is not None:
+                    values = response_values(critic, mb.batch)  # (b, r)
+                    vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, cfg.value_clip_eps)
+                    critic.backward(cfg.vf_coef * vf_loss * scale)
+                    step_stats.update({"val/vf_loss": vf_loss.detach(), "val/clipfrac": vf_stats["vf_clipfrac"]})
+                for name, value in step_stats.items():
+                    sums[name] = sums.get(name, 0.0) + value * tokens
             actor.step()
-            step_stats = {"policy/loss": pg_loss.detach(), "objective/entropy": entropy.detach(),
-                          "policy/clipfrac": pg_stats["clipfrac"], "policy/approxkl": pg_stats["approxkl"],
-                          "policy/ratio_mean": pg_stats["ratio_mean"]}
-
-            # Value loss
             if critic is not None:
-                values = response_values(critic, mb.batch)  # (b, R)
-                vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, cfg.value_clip_eps)
-                critic.backward(cfg.vf_coef * vf_loss * scale)
                 critic.step()
-                step_stats.update({"val/vf_loss": vf_loss.detach(), "val/clipfrac": vf_stats["vf_clipfrac"]})
 
-            for name, value in step_stats.items():  # token-weighted means over the global minibatch
-                totals[name] = totals.get(name, 0.0) + _global_mean(value * local_tokens, local_tokens, reducer)
+            for name, value in sums.items():  # token-weighted means over the global minibatch
+                totals[name] = totals.get(name, 0.0) + _global_mean(value, local_tokens, reducer)
             steps += 1
     stats = {name: total / steps for name, total in totals.items()}
     if experience.values is not None:

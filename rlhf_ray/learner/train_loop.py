@@ -45,9 +45,15 @@ class DistributedReducer(Reducer):
         self.world_size, self.rank = get_world_size(), get_rank()
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor, dist.ReduceOp.SUM)
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._reduce(tensor, dist.ReduceOp.MAX)
+
+    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         total = tensor.detach().clone()
         if self.world_size > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            dist.all_reduce(total, op=op)
         return total
 
 
@@ -56,7 +62,7 @@ def engine_config(config: RunConfig, world_size: int, lr: float) -> EngineConfig
     return EngineConfig(zero_stage=learner.zero_stage, lr=lr, adam_eps=learner.adam_eps,
                         weight_decay=learner.weight_decay, max_grad_norm=learner.max_grad_norm,
                         bf16=learner.bf16, micro_batch_size=config.ppo.minibatch_size // world_size,
-                        gradient_checkpointing=learner.gradient_checkpointing)
+                        gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer)
 
 
 def iteration_prompts(config: RunConfig, prompt_ids: list[list[int]], iteration: int) -> tuple[list, list[int]]:
@@ -182,26 +188,36 @@ def ppo_train_loop(loop_config: dict) -> None:
             print(f"resuming from {latest} (iteration {state.iteration}, policy version {state.policy_version})")
             pool.set_weights(state_dict, state.policy_version)
 
+    next_rollout = None  # rank 0, rollout.overlap: the next iteration's episodes, on their way
     for iteration in range(state.iteration, config.train.iterations):
         started = time.perf_counter()
         episodes = None
         if rank == 0:
-            scale_pool(pool, control, config)
-            prompts, seeds = iteration_prompts(config, prompt_ids, iteration)
-            episodes = pool.generate(prompts, seeds)
+            if next_rollout is None:
+                scale_pool(pool, control, config)
+                episodes = pool.generate(*iteration_prompts(config, prompt_ids, iteration))
+            else:
+                episodes = next_rollout.result()
+            if config.rollout.overlap and iteration + 1 < config.train.iterations:
+                # iteration k + 1 is generated with the weights of now while the learner trains on k
+                scale_pool(pool, control, config)
+                next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration + 1))
             control.report_workers.remote(len(pool))
         rollout_s = time.perf_counter() - started
         episodes = broadcast_episodes(episodes, rank)
         per_rank = len(episodes) // world
         shard = episodes[rank * per_rank:(rank + 1) * per_rank]
+        # episodes of an older policy than the learner's (overlap, or a chunk re-sent after new weights)
+        staleness = state.policy_version - min(e.policy_version for e in episodes)
 
         t = time.perf_counter()
         experience, metrics = make_experience(shard, actor, critic, reference, config.ppo, kl_controller.value,
-                                              temperature, tokenizer.pad_token_id, reducer)
+                                              temperature, tokenizer.pad_token_id, reducer,
+                                              config.learner.micro_batch_tokens, proximal=staleness > 0)
         experience_s = time.perf_counter() - t
         t = time.perf_counter()
         metrics.update(ppo_update(actor, critic, experience, config.ppo, kl_controller.value, temperature,
-                                  generator, reducer))
+                                  generator, reducer, config.learner.micro_batch_tokens))
         update_s = time.perf_counter() - t
         kl_controller.update(metrics["objective/kl"], n_steps=len(episodes))
 
@@ -219,6 +235,7 @@ def ppo_train_loop(loop_config: dict) -> None:
             response_tokens = int(sum(len(e.response_ids) for e in episodes))
             metrics.update({
                 "iteration": state.iteration, "policy_version": state.policy_version, "pool/workers": len(pool),
+                "rollout/staleness": staleness,
                 "perf/rollout_s": rollout_s, **reward_component_means(episodes), **rollout_timing(episodes), "perf/experience_s": experience_s,
                 "perf/update_s": update_s, "perf/sync_s": sync_s,
                 "perf/iteration_s": time.perf_counter() - started,

@@ -34,6 +34,25 @@ class PackedBatch:
     def response_ids(self) -> torch.Tensor:  # (B, R)
         return self.input_ids[:, self.prompt_width:]
 
+    def prompt_lengths(self) -> torch.Tensor:  # (B,)
+        return self.attention_mask[:, :self.prompt_width].sum(-1)
+
+    def select(self, index: torch.Tensor) -> "PackedBatch":
+        """The rows `index`."""
+        return PackedBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index],
+                           self.prompt_width)
+
+    def used_columns(self) -> tuple[int, int]:
+        """(first column any row's prompt uses, response columns any row uses (at least 1))."""
+        first = self.prompt_width - int(self.prompt_lengths().max())
+        return first, max(1, int(self.response_mask.sum(-1).max()))
+
+    def trim(self, first: int, responses: int) -> "PackedBatch":
+        """Columns [first, prompt_width + responses): without padding no row uses, the same logits."""
+        end = self.prompt_width + responses
+        return PackedBatch(self.input_ids[:, first:end], self.attention_mask[:, first:end],
+                           self.response_mask[:, :responses], self.prompt_width - first)
+
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device),
                            self.response_mask.to(device), self.prompt_width)

@@ -146,39 +146,27 @@ class RolloutPool:
     # -- work --------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Episode]:
         """One episode per prompt, in prompt order, each exactly once, whatever workers die meanwhile."""
+        return self.submit(prompt_ids, seeds).result()
+
+    def submit(self, prompt_ids: list[list[int]], seeds: list[int]) -> "PendingRollout":
+        """Send the prompts out and return at once; `result()` waits for the episodes.
+
+        The chunks run with the weights the workers hold now: weights sent later (`set_weights`) reach a
+        worker after its chunk (an actor runs its calls in order), which is how the learner trains on
+        iteration k while the workers generate iteration k + 1.
+        """
         if len(prompt_ids) != len(seeds):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(seeds)} seeds")
         self._ensure_ready_worker()
         # bucket by length: each worker's chunk holds prompts of similar length, so its left-padded batch
         # wastes fewer positions; episodes go back in prompt order (seeds travel with their prompts)
         order = np.argsort([len(p) for p in prompt_ids], kind="stable")
-        episodes = self._generate_in_chunks([prompt_ids[i] for i in order], [seeds[i] for i in order])
-        results: list[Episode | None] = [None] * len(prompt_ids)
-        for position, index in enumerate(order):
-            results[index] = episodes[position]
-        return results
-
-    def _generate_in_chunks(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Episode]:
+        pending = PendingRollout(self, [prompt_ids[i] for i in order], [seeds[i] for i in order], order)
         bounds = np.linspace(0, len(prompt_ids), len(self.workers) + 1).astype(int)
-        pending = {}  # ObjectRef -> (worker_id, start, end)
         for worker_id, start, end in zip(list(self.workers), bounds[:-1], bounds[1:]):
             if end > start:
-                pending[self._submit(worker_id, prompt_ids, seeds, start, end)] = (worker_id, start, end)
-        results: list[Episode | None] = [None] * len(prompt_ids)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            worker_id, start, end = pending.pop(ready[0])
-            try:
-                results[start:end] = ray.get(ready[0])
-            except WORKER_LOST:
-                self._drop_dead(worker_id)
-                self.requeued_chunks += 1
-                target = self._live_worker(exclude={w for w, _, _ in pending.values()})
-                pending[self._submit(target, prompt_ids, seeds, start, end)] = (target, start, end)
-        return results
-
-    def _submit(self, worker_id, prompt_ids, seeds, start, end):
-        return self.workers[worker_id].generate.remote(prompt_ids[start:end], seeds[start:end], self.policy_version)
+                pending.send(worker_id, start, end)
+        return pending
 
     def _live_worker(self, exclude: set[str]) -> str:
         """An idle ready worker if there is one, else any ready worker, else one that becomes ready."""
@@ -208,3 +196,35 @@ class RolloutPool:
     def weights_digests(self) -> dict[str, str]:
         self.wait_ready(timeout=None)
         return dict(zip(self.workers, ray.get([w.weights_digest.remote() for w in self.workers.values()])))
+
+
+class PendingRollout:
+    """Chunks of a rollout batch on their way; `result()` gathers them, re-sending those of dead workers."""
+
+    def __init__(self, pool: RolloutPool, prompt_ids: list, seeds: list[int], order: np.ndarray):
+        self.pool, self.prompt_ids, self.seeds, self.order = pool, prompt_ids, seeds, order
+        self.pending: dict[ray.ObjectRef, tuple[str, int, int]] = {}  # -> (worker_id, start, end)
+
+    def send(self, worker_id: str, start: int, end: int) -> None:
+        pool = self.pool
+        ref = pool.workers[worker_id].generate.remote(self.prompt_ids[start:end], self.seeds[start:end],
+                                                      pool.policy_version)
+        self.pending[ref] = (worker_id, start, end)
+
+    def result(self) -> list[Episode]:
+        """Every episode once, in the order of the prompts given to `submit`."""
+        pool, pending = self.pool, self.pending
+        episodes: list[Episode | None] = [None] * len(self.prompt_ids)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            worker_id, start, end = pending.pop(ready[0])
+            try:
+                episodes[start:end] = ray.get(ready[0])
+            except WORKER_LOST:
+                pool._drop_dead(worker_id)
+                pool.requeued_chunks += 1
+                self.send(pool._live_worker(exclude={w for w, _, _ in pending.values()}), start, end)
+        results: list[Episode | None] = [None] * len(episodes)
+        for position, index in enumerate(self.order):
+            results[index] = episodes[position]
+        return results

@@ -64,7 +64,7 @@ def stage_engine_config(stage: StageConfig, config: RunConfig) -> EngineConfig:
     return EngineConfig(zero_stage=learner.zero_stage, lr=stage.lr, adam_eps=1e-8, weight_decay=stage.weight_decay,
                         max_grad_norm=learner.max_grad_norm, bf16=learner.bf16,
                         micro_batch_size=stage.batch_size // world,
-                        gradient_checkpointing=learner.gradient_checkpointing)
+                        gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer)
 
 
 class StageWriter:
