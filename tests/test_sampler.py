@@ -45,15 +45,16 @@ def test_greedy_matches_model_generate(tiny):
             assert len(episode.response_ids) == 10 and tokenizer.eos_token_id not in expected
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_new_tokens=12, temperature=0.7),
-    SamplingParams(max_new_tokens=12, temperature=1.3, top_k=8, top_p=0.9),
+@pytest.mark.parametrize("params,max_batch", [
+    (SamplingParams(max_new_tokens=12, temperature=0.7), None),
+    (SamplingParams(max_new_tokens=12, temperature=1.3, top_k=8, top_p=0.9), None),
+    (SamplingParams(max_new_tokens=10, temperature=4.0), 2),  # continuous batching: 8 episodes through 2 rows
 ])
-def test_behaviour_logprobs_equal_a_fresh_forward_pass(tiny, params):
+def test_behaviour_logprobs_equal_a_fresh_forward_pass(tiny, params, max_batch):
     model, tokenizer = tiny
     prompts = BUILTIN_PROMPTS[:8]
-    episodes = Sampler(model, tokenizer, sentiment_reward, params).generate(encode(tokenizer, prompts),
-                                                                          seeds_for(len(prompts)))
+    episodes = Sampler(model, tokenizer, sentiment_reward, params, max_batch=max_batch).generate(
+        encode(tokenizer, prompts), seeds_for(len(prompts)))
     batch = pack_episodes([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
                           tokenizer.pad_token_id)
     with torch.no_grad():
@@ -98,21 +99,6 @@ def test_continuous_batching_gives_the_episodes_of_one_static_batch(tiny, params
         for a, b in zip(continuous, static):
             torch.testing.assert_close(torch.as_tensor(a.behaviour_logprobs), torch.as_tensor(b.behaviour_logprobs),
                                        atol=1e-5, rtol=0)
-
-
-def test_continuous_batching_logprobs_equal_a_fresh_forward_pass(tiny):
-    model, tokenizer = tiny
-    prompts = (BUILTIN_PROMPTS * 2)[:10]
-    params = SamplingParams(max_new_tokens=10, temperature=4.0)
-    episodes = Sampler(model, tokenizer, sentiment_reward, params, max_batch=2).generate(
-        encode(tokenizer, prompts), seeds_for(len(prompts)))
-    batch = pack_episodes([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
-                          tokenizer.pad_token_id)
-    with torch.no_grad():
-        fresh = response_logprobs(model, batch, temperature=params.temperature)
-    for row, episode in enumerate(episodes):
-        n = len(episode.response_ids)
-        torch.testing.assert_close(torch.as_tensor(episode.behaviour_logprobs), fresh[row, :n], atol=1e-5, rtol=0)
 
 
 def test_same_seed_same_episode_other_seed_other_episode(tiny):
