@@ -44,6 +44,16 @@ def test_composite_is_the_weighted_sum_and_remembers_each_component():
     assert reward_components(build_reward(RewardConfig()), prompts, responses) is None  # not a composite
 
 
+def test_composite_remembers_only_the_latest_pairs_when_nobody_pops_them():
+    reward = CompositeReward({"length": length_score}, {"length": 1.0}, remember=3)
+    for i in range(5):  # as a plain env would call it, one pair at a time, never popping
+        reward([f"p{i}"], [words(i)])
+    reward(["p2"], [words(2)])  # scored again: now the newest
+    assert list(reward._recent) == [("p3", words(3)), ("p4", words(4)), ("p2", words(2))]
+    with pytest.raises(RewardError, match="has not scored the pair"):
+        reward.pop_components(["p1"], [words(1)])
+
+
 def test_sampler_attaches_components_to_episodes(tiny_model_dir):
     from rlhf_ray.models import load_policy
 

@@ -8,7 +8,7 @@ from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.rollout.sampler import (
-    Sampler, SamplingParams, episode_seed, filter_top_k_top_p, inverse_cdf_sample,
+    Sampler, SamplingParams, argmax_rows, episode_seed, filter_top_k_top_p, inverse_cdf_sample,
 )
 
 
@@ -137,6 +137,19 @@ def test_top_k_one_is_greedy(tiny):
     seeds = seeds_for(4)
     assert ([e.response_ids.tolist() for e in greedy.generate(ids, seeds)]
             == [e.response_ids.tolist() for e in top1.generate(ids, seeds)])
+
+
+def test_argmax_rows_is_torch_argmax_with_its_first_index_on_ties():
+    x = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0))  # blocks of 1024 and a short last one
+    x[1, [7, 3000]] = 50.0  # a tie across blocks: the first
+    x[2, [1030, 1040]] = 50.0  # a tie within a block
+    x[3, 4999] = 50.0  # the very last column, in the short last block
+    x[4, 4096] = 50.0  # the first column of the last block
+    x[5, :] = 1.0  # all equal
+    expected = [int(torch.argmax(x[0])), 7, 1030, 4999, 4096, 0]
+    assert argmax_rows(x).tolist() == expected == torch.argmax(x, dim=-1).tolist()
+    small = torch.randn(3, 54)
+    assert argmax_rows(small).tolist() == torch.argmax(small, dim=-1).tolist()
 
 
 def test_top_p_keeps_the_smallest_nucleus():

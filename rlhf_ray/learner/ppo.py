@@ -168,7 +168,7 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     mask = batch.response_mask  # (B, R)
     old_logprobs = torch.zeros_like(mask)
     for row, episode in enumerate(episodes):
-        old_logprobs[row, : len(episode.behaviour_logprobs)] = torch.as_tensor(episode.behaviour_logprobs)
+        old_logprobs[row, : len(episode.behaviour_logprobs)] = torch.tensor(episode.behaviour_logprobs)
     device = _device_of(actor)
     batch, old_logprobs = batch.to(device), old_logprobs.to(device)
     mask = batch.response_mask

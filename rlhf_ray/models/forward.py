@@ -70,10 +70,11 @@ def pack_episodes(prompt_ids: list, response_ids: list, pad_id: int) -> PackedBa
     response_mask = torch.zeros((batch, response_width), dtype=torch.float32)
     for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         p, r = len(prompt), len(response)
-        input_ids[row, prompt_width - p:prompt_width] = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
+        # torch.tensor copies: episodes from the object store hold read-only arrays
+        input_ids[row, prompt_width - p:prompt_width] = torch.tensor(np.asarray(prompt), dtype=torch.long)
         attention_mask[row, prompt_width - p:prompt_width + r] = 1
         if r:
-            input_ids[row, prompt_width:prompt_width + r] = torch.as_tensor(np.asarray(response, dtype=np.int64))
+            input_ids[row, prompt_width:prompt_width + r] = torch.tensor(np.asarray(response), dtype=torch.long)
             response_mask[row, :r] = 1.0
     return PackedBatch(input_ids, attention_mask, response_mask, prompt_width)
 

@@ -14,6 +14,7 @@ each episode (`Episode.extra["reward_components"]`) and the learner logs `reward
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,14 +26,18 @@ from rlhf_ray.rewards.base import RewardError, RewardFunction, as_reward_functio
 class CompositeReward:
     """`R(prompts, responses) = sum_i weight_i * component_i(prompts, responses)`."""
 
-    def __init__(self, components: dict[str, RewardFunction], weights: dict[str, float]):
+    def __init__(self, components: dict[str, RewardFunction], weights: dict[str, float],
+                 remember: int = 1 << 16):
         if not components:
             raise RewardError("a composite reward needs at least one component")
         if set(components) != set(weights):
             raise RewardError(f"components {sorted(components)} and weights {sorted(weights)} name different terms")
         self.components, self.weights = components, weights
         self.name = " + ".join(f"{weights[n]:g}*{n}" for n in components)
+        # the components of the last `remember` pairs scored, oldest first: a caller that never pops them
+        # (a plain gymnasium env) keeps no more than these
         self._recent: dict[tuple[str, str], dict[str, float]] = {}
+        self.remember = remember
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The total and each component's unweighted scores, shape (n,) each."""
@@ -45,7 +50,10 @@ class CompositeReward:
     def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         total, parts = self.score(prompts, responses)
         for i, key in enumerate(zip(prompts, responses)):
+            self._recent.pop(key, None)  # re-inserted as the newest
             self._recent[key] = {name: float(scores[i]) for name, scores in parts.items()}
+        for key in list(itertools.islice(self._recent, max(0, len(self._recent) - self.remember))):
+            del self._recent[key]
         return total
 
     def pop_components(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, float]]:

@@ -119,6 +119,26 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return tokens
 
 
+def argmax_rows(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """`torch.argmax(x, dim=-1)` of a (B, V) tensor (the first index of each row's maximum).
+
+    On CPU torch's argmax is scalar code and its amax vectorised: the maximum of each block of `block`
+    columns, then the first block holding the row's maximum, then the argmax within that block, is about
+    5x faster at V = 50k. Elsewhere, or for small V, `torch.argmax` itself.
+    """
+    rows, width = x.shape
+    if x.device.type != "cpu" or width < 4 * block:
+        return torch.argmax(x, dim=-1)
+    full = width // block * block
+    maxima = x[:, :full].reshape(rows, -1, block).amax(-1)  # (B, V // block)
+    if full < width:
+        maxima = torch.cat([maxima, x[:, full:].amax(-1, keepdim=True)], dim=-1)
+    start = torch.argmax(maxima, dim=-1) * block  # (B,) first column of the first block with the maximum
+    # the last block may be short: its columns past V - 1 repeat column V - 1, after the real one
+    columns = (start[:, None] + torch.arange(block, device=x.device)).clamp_(max=width - 1)  # (B, block)
+    return start + torch.argmax(x.gather(-1, columns), dim=-1)
+
+
 def left_pad(sequences: list[np.ndarray] | list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (B, T) token ids and attention mask of variable-length sequences."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))  # (B,)
@@ -398,7 +418,7 @@ class Sampler:
         # (torch's log_softmax on CPU is faster than its logsumexp, even for the argmax's log-prob alone)
         logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
         if params.greedy:
-            tokens = torch.argmax(logits, dim=-1)  # (B,) the logits' argmax, as `generate` takes it
+            tokens = argmax_rows(logits)  # (B,) the logits' argmax, as `generate` takes it
         else:
             probs = filter_top_k_top_p(logprobs.exp(), params.top_k, params.top_p)  # (B, V)
             tokens = inverse_cdf_sample(probs, uniforms)  # (B,)
