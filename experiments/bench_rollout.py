@@ -3,7 +3,8 @@
     python experiments/bench_rollout.py [--threads 1] [--repeats 7] [--min-seconds 10] [--cases NAME,...] [--json PATH]
 
 For each case both sides get the same model, batch of prompts, prompt length, response length and
-sampling settings, in the same process with the same `torch.set_num_threads`:
+sampling settings, in the same process with the same `torch.set_num_threads` and the same malloc
+settings (`keep_freed_memory()`, as in rollout workers, unless `--default-malloc`):
 
 - sampler: `Sampler.generate` (rlhf_ray/rollout/sampler.py) driving `envs.TextGenerationVectorEnv`,
   including what the env does (array steps, decoding and scoring the finished episodes with a
@@ -55,7 +56,7 @@ import torch
 
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
-from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed, left_pad
+from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed, keep_freed_memory, left_pad
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {[c.name for c in CASES]}")
     parser.add_argument("--continuous-cases", default=",".join(c.name for c in CONTINUOUS_CASES),
                         help=f"comma-separated subset of {[c.name for c in CONTINUOUS_CASES]}; '' for none")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc malloc as it is (rollout workers call keep_freed_memory(); so does this "
+                             "script by default, for both sides)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -328,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; expected some of {list(by_name) + list(continuous_by_name)}")
     torch.set_num_threads(args.threads)  # one setting for both sides
+    # glibc malloc keeps freed (B, V) blocks for the next step, as rollout workers have it; both sides gain
+    malloc_tuned = keep_freed_memory() if not args.default_malloc else False
 
     load_before = os.getloadavg()  # other processes on the machine make wall times noisy; recorded, not corrected
     results = []
@@ -343,12 +349,14 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results, args.threads)
     if continuous:
         print_continuous_table(continuous, args.threads)
-    print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
+    print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs; "
+          f"malloc {'keeps freed blocks (keep_freed_memory)' if malloc_tuned else 'as is'} on both sides")
 
     if args.json:
         import transformers
 
         report = {"threads": args.threads, "repeats": args.repeats, "min_seconds": args.min_seconds,
+                  "malloc_tuned": malloc_tuned,
                   "cpus": os.cpu_count(),
                   "torch": torch.__version__, "transformers": transformers.__version__,
                   "load_average_before": load_before[0], "load_average_after": load_after[0],

@@ -1,5 +1,7 @@
 """The KV-cache sampler: same tokens as `generate`, log-probs as a fresh forward pass, seeded episodes."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.rollout.sampler import (
-    Sampler, SamplingParams, argmax_rows, episode_seed, filter_top_k_top_p, inverse_cdf_sample,
+    Sampler, SamplingParams, argmax_rows, episode_seed, filter_top_k_top_p, inverse_cdf_sample, keep_freed_memory,
 )
 
 
@@ -182,3 +184,13 @@ def test_prompt_and_seed_counts_must_match(tiny):
         Sampler(model, tokenizer, sentiment_reward).generate([[3], [4]], [0])
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         Sampler(model, tokenizer, sentiment_reward, max_batch=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_sets_glibc_malloc_and_sampling_is_unchanged(tiny):
+    model, tokenizer = tiny
+    ids, seeds = encode(tokenizer, BUILTIN_PROMPTS[:4]), seeds_for(4)
+    sampler = Sampler(model, tokenizer, sentiment_reward, SamplingParams(max_new_tokens=8, temperature=1.5))
+    before = [e.response_ids.tolist() for e in sampler.generate(ids, seeds)]
+    assert keep_freed_memory() is True
+    assert [e.response_ids.tolist() for e in sampler.generate(ids, seeds)] == before

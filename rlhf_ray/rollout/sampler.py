@@ -45,6 +45,28 @@ from rlhf_ray.rewards import RewardFunction, as_reward_function
 from rlhf_ray.rewards.composite import reward_components
 
 
+def keep_freed_memory(max_chunk: int = 32 << 20) -> bool:
+    """Have glibc's malloc serve blocks of up to `max_chunk` bytes from its heap and keep freed ones.
+
+    Every decoding step allocates and frees (B, V) logits and log-probs (6 MB at B = 32, V = 50k). Past
+    glibc's mmap threshold each such block is a fresh mmap, whose pages the kernel zeroes and faults in
+    on first touch, on every step: about 20% of a greedy step of a 16M-parameter GPT-2 on CPU. Served from
+    the heap, the freed block of one step is the next step's. (Intel's PyTorch CPU tuning guide advises
+    jemalloc or tcmalloc for the same reason.) Process-wide: rollout workers and the policy server call it;
+    32 MB is the largest threshold glibc accepts on 64-bit. False where this is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, max_chunk)) and bool(mallopt(m_trim_threshold, 4 * max_chunk))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 16

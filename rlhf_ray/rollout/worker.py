@@ -20,7 +20,7 @@ import torch
 from rlhf_ray.models import load_policy
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards.composite import build_reward
-from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams
+from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams, keep_freed_memory
 
 
 
@@ -70,6 +70,7 @@ class RolloutWorker:
                  max_length: int | None = None, dtype: str = "float32", use_gpu: bool = False,
                  max_batch: int | None = None):
         self.worker_id = worker_id
+        keep_freed_memory()  # each decoding step's (B, V) tensors reuse the last step's memory
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_policy(policy, dtype=DTYPES[dtype], device=device)
         self.sampler = Sampler(self.model, self.tokenizer, build_reward(reward, device=device), params, max_length,

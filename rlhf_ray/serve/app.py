@@ -65,12 +65,14 @@ class OpenAIServer:
         import torch
 
         from rlhf_ray.models import load_policy
+        from rlhf_ray.rollout.sampler import keep_freed_memory
         from rlhf_ray.serve.engine import GenerationEngine
         from rlhf_ray.serve.policy import model_name, policy_version
 
         self.config = ServeConfig.model_validate(config)
         # as many intra-op threads as CPUs reserved: more only contend with the other replicas
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
+        keep_freed_memory()  # each decoding step's (B, V) tensors reuse the last step's memory
         dtype = getattr(torch, self.config.dtype)
         device = "cuda" if self.config.num_gpus > 0 else "cpu"
         model, tokenizer = load_policy(self.config.policy, dtype=dtype, device=device)
