@@ -78,12 +78,10 @@ class EvalResult:
 
 def sample_episodes(model, tokenizer, reward_fn: RewardFunction, prompt_ids: list[list[int]], seeds: list[int],
                     params: SamplingParams, max_length: int | None, batch_size: int) -> list[Episode]:
-    """One scored episode per prompt, sampled `batch_size` prompts at a time (the seeds alone decide the draw)."""
-    sampler = Sampler(model, tokenizer, reward_fn, params, max_length=max_length)
-    episodes: list[Episode] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        episodes.extend(sampler.generate(prompt_ids[start:start + batch_size], seeds[start:start + batch_size]))
-    return episodes
+    """One scored episode per prompt, at most `batch_size` decoded at once (continuous batching; the seeds
+    alone decide the draw)."""
+    sampler = Sampler(model, tokenizer, reward_fn, params, max_length=max_length, max_batch=batch_size)
+    return sampler.generate(prompt_ids, seeds)
 
 
 @torch.inference_mode()
