@@ -17,7 +17,7 @@ Per iteration (Ziegler et al. 2019; Huang et al., "The N Implementation Details 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from rlhf_ray.algorithms import (
     value_loss,
 )
 from rlhf_ray.config import PPOConfig
-from rlhf_ray.models.forward import PackedBatch, pack_episodes, response_logits
+from rlhf_ray.models.forward import PackedBatch, pack_episodes, response_logits, response_logprobs
 from rlhf_ray.models.value import response_values
 
 
@@ -88,8 +88,8 @@ class Experience:
     def select(self, index: torch.Tensor) -> "Experience":
         """The rows `index`, trimmed to the columns they use (the same logits, less padding)."""
         batch = self.batch.select(index)
-        first, responses = batch.used_columns()
-        return Experience(batch.trim(first, responses), *(
+        responses = batch.response_mask.shape[1]
+        return Experience(batch, *(
             None if tensor is None else tensor[index, :responses]
             for tensor in (self.old_logprobs, self.ref_logprobs, self.values, self.advantages, self.returns,
                            self.behaviour_logprobs)))
@@ -131,12 +131,11 @@ def micro_batches(prompt_lengths: np.ndarray, response_lengths: np.ndarray, max_
     return groups
 
 
-def run_micro_batches(experience: Experience, groups: list[np.ndarray]):
-    """(micro-batch, weight) per group: an empty group runs row 0 with weight 0, keeping the ranks paired."""
-    device = experience.mask.device
-    for rows in groups:
-        weight = 1.0 if len(rows) else 0.0
-        yield experience.select(torch.as_tensor(rows if len(rows) else [0], device=device)), weight
+def micro_batch_rows(groups: list[np.ndarray], device) -> list[tuple[torch.Tensor, float]]:
+    """(row index, weight) per group: an empty group runs row 0 with weight 0, keeping the ranks paired."""
+    return [(torch.as_tensor(rows, device=device), 1.0) if len(rows) else (torch.zeros(1, dtype=torch.long,
+                                                                                         device=device), 0.0)
+            for rows in groups]
 
 
 def sequence_scores(rewards: np.ndarray, eos: np.ndarray, cfg: PPOConfig) -> torch.Tensor:
@@ -177,24 +176,14 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     ref_logprobs = torch.zeros_like(mask)  # (B, R)
     critic_values = torch.zeros_like(mask) if cfg.advantage_estimator == "gae" else None
     proximal_logprobs = torch.zeros_like(mask) if proximal else None
-    for rows in groups:
-        if not len(rows):  # pairs up with another rank's pass; nothing to keep
-            rows = np.zeros(1, dtype=np.int64)
-        index = torch.as_tensor(rows, device=device)
+    for index, _ in micro_batch_rows(groups, device):  # a weight-0 pass rewrites row 0 with the same values
         micro = batch.select(index)
-        micro = micro.trim(*micro.used_columns())
         width = micro.response_mask.shape[1]
-        logits = response_logits(reference, micro, temperature)  # (b, r, V)
-        ref_logprobs[index, :width] = torch.log_softmax(logits, -1).gather(
-            -1, micro.response_ids.unsqueeze(-1)).squeeze(-1) * micro.response_mask
-        del logits
+        ref_logprobs[index, :width] = response_logprobs(reference, micro, temperature)
         if critic_values is not None:
             critic_values[index, :width] = response_values(critic, micro) * micro.response_mask
         if proximal_logprobs is not None:
-            logits = response_logits(actor, micro, temperature)
-            proximal_logprobs[index, :width] = torch.log_softmax(logits, -1).gather(
-                -1, micro.response_ids.unsqueeze(-1)).squeeze(-1) * micro.response_mask
-            del logits
+            proximal_logprobs[index, :width] = response_logprobs(actor, micro, temperature)
     scores = sequence_scores([e.reward for e in episodes], [e.eos for e in episodes], cfg).to(device)  # (B,)
 
     kl_cfg = cfg.kl
@@ -257,7 +246,8 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
             groups = micro_batches(experience.batch.prompt_lengths()[rows].cpu().numpy(),
                                    experience.mask[rows].sum(-1).long().cpu().numpy(), max_tokens, reducer)
             sums: dict[str, torch.Tensor] = {}  # token-weighted sums of this rank's statistics
-            for mb, weight in run_micro_batches(experience, [index.numpy()[group] for group in groups]):
+            for micro_rows, weight in micro_batch_rows([index.numpy()[group] for group in groups], rows.device):
+                mb = experience.select(micro_rows)
                 mask = mb.mask
                 tokens = mask.sum() * weight
                 scale = tokens * reducer.world_size / global_tokens

@@ -38,20 +38,12 @@ class PackedBatch:
         return self.attention_mask[:, :self.prompt_width].sum(-1)
 
     def select(self, index: torch.Tensor) -> "PackedBatch":
-        """The rows `index`."""
-        return PackedBatch(self.input_ids[index], self.attention_mask[index], self.response_mask[index],
-                           self.prompt_width)
-
-    def used_columns(self) -> tuple[int, int]:
-        """(first column any row's prompt uses, response columns any row uses (at least 1))."""
-        first = self.prompt_width - int(self.prompt_lengths().max())
-        return first, max(1, int(self.response_mask.sum(-1).max()))
-
-    def trim(self, first: int, responses: int) -> "PackedBatch":
-        """Columns [first, prompt_width + responses): without padding no row uses, the same logits."""
-        end = self.prompt_width + responses
-        return PackedBatch(self.input_ids[:, first:end], self.attention_mask[:, first:end],
-                           self.response_mask[:, :responses], self.prompt_width - first)
+        """The rows `index`, without the columns none of them uses (the same logits, less padding)."""
+        mask, responses = self.attention_mask[index], self.response_mask[index]
+        first = self.prompt_width - int(mask[:, :self.prompt_width].sum(-1).max())
+        end = self.prompt_width + max(1, int(responses.sum(-1).max()))
+        return PackedBatch(self.input_ids[index, first:end], mask[:, first:end],
+                           responses[:, :end - self.prompt_width], self.prompt_width - first)
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device),
