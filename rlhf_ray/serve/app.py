@@ -65,7 +65,7 @@ class OpenAIServer:
         import torch
 
         from rlhf_ray.models import load_policy
-        from rlhf_ray.rollout.sampler import keep_freed_memory
+        from rlhf_ray.rollout.decoding import keep_freed_memory
         from rlhf_ray.serve.engine import GenerationEngine
         from rlhf_ray.serve.policy import model_name, policy_version
 

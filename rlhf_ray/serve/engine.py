@@ -23,9 +23,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from rlhf_ray.rollout.sampler import (
-    episode_uniforms, filter_top_k_top_p, inverse_cdf_sample, left_pad, position_ids_from_mask,
-)
+from rlhf_ray.rollout.decoding import left_pad, position_ids_from_mask
+from rlhf_ray.rollout.sampler import episode_uniforms, filter_top_k_top_p, inverse_cdf_sample
 
 PROMPT_TAIL_TOKENS = 6  # prompt tokens decoded before the first response token: keeps its leading space
 
