@@ -193,11 +193,10 @@ def ppo_train_loop(loop_config: dict) -> None:
         started = time.perf_counter()
         episodes = None
         if rank == 0:
-            if next_rollout is None:
+            if next_rollout is None:  # not sent out while the learner trained on the last iteration
                 scale_pool(pool, control, config)
-                episodes = pool.generate(*iteration_prompts(config, prompt_ids, iteration))
-            else:
-                episodes = next_rollout.result()
+                next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration))
+            episodes, next_rollout = next_rollout.result(), None
             if config.rollout.overlap and iteration + 1 < config.train.iterations:
                 # iteration k + 1 is generated with the weights of now while the learner trains on k
                 scale_pool(pool, control, config)
