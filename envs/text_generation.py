@@ -23,6 +23,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
+from rlhf_ray.data.records import DataError  # a prompt too long for the context: a user error, never retried
 from rlhf_ray.models.loading import load_tokenizer
 from rlhf_ray.models.tiny import build_tiny_tokenizer
 from rlhf_ray.rewards import RewardFunction, RewardSpec, as_reward_function
@@ -95,7 +96,7 @@ class TextGenerationTask:
         too_long = np.flatnonzero(lengths >= max_length)
         if too_long.size:
             i = int(too_long[0])
-            raise ValueError(f"prompt {i} ({prompts[i]!r:.80}) has {lengths[i]} tokens, which leaves no room for a "
+            raise DataError(f"prompt {i} ({prompts[i]!r:.80}) has {lengths[i]} tokens, which leaves no room for a "
                              f"new token under max_length={max_length}; expected at most {max_length - 1} tokens")
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(lengths.sum()))
@@ -149,7 +150,7 @@ class TextGenerationTask:
         if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
             raise ValueError(f"{where} holds token ids outside [0, {self.vocab_size}): {ids!r:.80}")
         if array.size >= self.max_length:
-            raise ValueError(f"{where} has {array.size} tokens, which leaves no room for a new token under "
+            raise DataError(f"{where} has {array.size} tokens, which leaves no room for a new token under "
                              f"max_length={self.max_length}; expected at most {self.max_length - 1} tokens")
         return array
 

@@ -108,13 +108,35 @@ def test_mismatched_prompts_and_responses_is_a_value_error():
         as_reward_function(length_reward)(PROMPTS[:2], RESPONSES)
 
 
-def test_exception_inside_the_function_carries_a_note_naming_the_reward():
+def test_exception_inside_the_function_is_a_reward_error_naming_the_reward_and_the_batch():
     def broken(prompts, responses):
         raise KeyError("oops")
 
-    with pytest.raises(KeyError) as raised:
+    with pytest.raises(RewardError, match=r"reward 'broken' raised KeyError: 'oops' \(scoring a batch of 3 ") as raised:
         as_reward_function(broken, name="broken")(PROMPTS, RESPONSES)
-    assert any("reward 'broken'" in note for note in raised.value.__notes__)
+    assert isinstance(raised.value.__cause__, KeyError)  # the user's own exception, for the traceback log
+
+
+def test_a_reward_that_does_not_return_in_time_fails_naming_the_bound_and_the_batch():
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def hung(prompts, responses):
+        release.wait(30)
+        return [0.0] * len(prompts)
+
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=r"reward 'remote' did not return within reward.timeout_s=0.2 s "
+                                          r"for a batch of 3 \(prompt, response\) pairs"):
+        RewardFunction(hung, "remote", timeout_s=0.2)(PROMPTS, RESPONSES)
+    assert time.monotonic() - started < 10  # a hang detector, not a benchmark
+    release.set()
+    # within the bound, scores and errors come back as from a plain call
+    assert RewardFunction(length_reward, timeout_s=5)(PROMPTS, RESPONSES).shape == (3,)
+    with pytest.raises(RewardError, match="raised ZeroDivisionError"):
+        RewardFunction(lambda p, r: 1 / 0, "div", timeout_s=5)(PROMPTS, RESPONSES)
 
 
 # ---------------------------------------------------------------------------------------- import strings

@@ -17,9 +17,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlhf_ray.config.schema import RunConfig
+from rlhf_ray.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the file, key and what was expected."""
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf_ray.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A dataset that cannot be read, or a record in it that is malformed; the message names file and line
     (`data/prefs.jsonl:17: missing field 'chosen'`) or row (`row 5 of x.parquet: ...`)."""
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_ray.errors import UserError
 from rlhf_ray.models.tiny import ARCHITECTURES, save_tiny_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_MODELS = {f"rlhf-ray/tiny-{arch}": arch for arch in ARCHITECTURES}
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A model name that is neither a local Hugging Face folder nor a known model."""
 
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
+from rlhf_ray.errors import UserError
 
-class RewardError(ValueError):
+
+class RewardError(UserError, ValueError):
     """A reward function that cannot be built, or that returned something other than one finite score per item."""
 
 
@@ -50,14 +53,17 @@ class RewardFunction:
     """A named reward function whose output is checked: shape (n,), finite, float64.
 
     Wraps `fn(prompts, responses)`, which may return a list, a numpy array or a torch tensor.
-    An exception raised inside `fn` passes through with a note naming the reward.
+    An exception raised inside `fn` becomes a `RewardError` naming the reward and the batch (the original
+    is its `__cause__`): the user's code failing is a user error, which ends a run without a retry.
     """
 
-    def __init__(self, fn: Callable[[list[str], list[str]], Any], name: str | None = None):
+    def __init__(self, fn: Callable[[list[str], list[str]], Any], name: str | None = None,
+                 timeout_s: float | None = None):
         if not callable(fn):
             raise RewardError(f"a reward function must be callable, got {type(fn).__name__}: {fn!r}")
         self.fn = fn
         self.name = name or _callable_name(fn)
+        self.timeout_s = timeout_s  # None: no bound (a plain function call)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         prompts, responses = list(prompts), list(responses)
@@ -68,10 +74,12 @@ class RewardFunction:
         if n == 0:
             return np.zeros(0, dtype=np.float64)
         try:
-            raw = self.fn(prompts, responses)
-        except Exception as error:
-            error.add_note(f"(raised while computing reward {self.name!r} of {n} episodes)")
+            raw = self._bounded_call(prompts, responses)
+        except RewardError:
             raise
+        except Exception as error:  # the user's code failed: a user error, never retried (rlhf_ray.errors)
+            raise RewardError(f"reward {self.name!r} raised {type(error).__name__}: {error} "
+                              f"(scoring a batch of {n} (prompt, response) pairs)") from error
         try:
             scores = _as_scores(raw)
         except (TypeError, ValueError) as error:
@@ -89,6 +97,33 @@ class RewardFunction:
                 f"{bad.size} of {n} scores are non-finite, expected all finite"
             )
         return scores
+
+    def _bounded_call(self, prompts: list[str], responses: list[str]) -> Any:
+        """`fn(prompts, responses)`, given at most `timeout_s` seconds when that is set.
+
+        The call runs in a daemon thread, which a hung function (a remote reward service that never
+        answers) keeps; the run fails naming the reward instead of stalling, and the process exits.
+        """
+        if self.timeout_s is None:
+            return self.fn(prompts, responses)
+        outcome: dict[str, Any] = {}
+        finished = threading.Event()
+
+        def call() -> None:
+            try:
+                outcome["value"] = self.fn(prompts, responses)
+            except BaseException as error:  # handed to the caller's thread
+                outcome["error"] = error
+            finally:
+                finished.set()
+
+        threading.Thread(target=call, name=f"reward-{self.name}", daemon=True).start()
+        if not finished.wait(self.timeout_s):
+            raise RewardError(f"reward {self.name!r} did not return within reward.timeout_s={self.timeout_s:g} s "
+                              f"for a batch of {len(prompts)} (prompt, response) pairs")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def __repr__(self) -> str:
         return f"RewardFunction({self.name!r})"

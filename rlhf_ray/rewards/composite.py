@@ -93,15 +93,17 @@ def build_reward(reward, run_dir: str | None = None, device: str = "cpu") -> Rew
         reward = reward.model_dump()
     if not isinstance(reward, dict):
         return as_reward_function(reward, device=device)
+    timeout_s = reward.get("timeout_s")
     if reward.get("components"):
         components = {name: _component(spec, run_dir, device) for name, spec in reward["components"].items()}
         weights = {name: float(spec.get("weight", 1.0)) for name, spec in reward["components"].items()}
         composite = CompositeReward(components, weights)
-        return RewardFunction(composite, composite.name)
+        return RewardFunction(composite, composite.name, timeout_s=timeout_s)
     function = reward.get("function") or "envs.builtin:sentiment_reward"
     if run_dir:
         function = function.replace("{run}", run_dir)
-    return as_reward_function(function, device=device)
+    fn = as_reward_function(function, device=device)
+    return RewardFunction(fn.fn, fn.name, timeout_s=timeout_s)
 
 
 def reward_components(reward_fn: RewardFunction, prompts: Sequence[str],
