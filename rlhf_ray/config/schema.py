@@ -56,6 +56,12 @@ class RolloutConfig(_Section):
     num_cpus: float = Field(1.0, gt=0.0)  # Ray CPUs reserved by each rollout worker
     resources: dict[str, float] = {}  # custom Ray resources per worker, e.g. {rollout_node: 1}
     use_gpu: bool = False
+    # bounds: a worker that dies while starting is replaced with backoff at most max_start_failures times in
+    # a row; every wait fails the run, naming the workers that did not answer, once its time is up
+    max_start_failures: int = Field(3, ge=1)
+    start_timeout_s: float = Field(600.0, gt=0.0)  # a new worker placed and its policy loaded
+    timeout_s: float = Field(1800.0, gt=0.0)  # one iteration's episodes back from every worker
+    sync_timeout_s: float = Field(300.0, gt=0.0)  # new weights loaded by every worker
 
 
 class DataConfig(_Section):
@@ -93,6 +99,7 @@ class RewardConfig(_Section):
 
     function: str | None = None  # "module:function" or a reward-model folder; default: the toy sentiment reward
     components: dict[str, RewardComponent] | None = None
+    timeout_s: float = Field(300.0, gt=0.0)  # one batched reward call; longer fails the run naming the reward
 
     @model_validator(mode="after")
     def _function_or_components(self) -> "RewardConfig":

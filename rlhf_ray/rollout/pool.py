@@ -4,6 +4,12 @@ Workers can join (`add_worker`) and leave (`remove_worker`) between calls, and a
 during `generate` loses nothing: its chunk is sent again to a live worker (a new one is started
 when none is left). Each episode's randomness comes from its own seed, so a re-sent chunk gives
 the same episodes it would have given on the dead worker.
+
+Faults are retried, the user's errors are not (`rlhf_ray.errors`): a worker whose reward function
+raises, or whose constructor fails on the user's reward or data, ends the call at once with that
+error; a worker that dies while starting is replaced with backoff at most `max_start_failures` times
+in a row. Every wait is bounded (`PoolLimits`), and a wait that runs out names the workers that did
+not answer and what they were doing.
 """
 
 from __future__ import annotations
@@ -17,11 +23,33 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from rlhf_ray.errors import RunStopped, WaitTimeout, one_line, stop_reason
 from rlhf_ray.rollout.sampler import Episode, SamplingParams
 from rlhf_ray.rollout.worker import RemoteRolloutWorker, to_shared_arrays
 
 logger = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+class WorkerStartError(RunStopped):
+    """Rollout workers kept failing to start; the message carries the last worker's own error."""
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """The bounds of the pool's waits and restarts (the `rollout.*` keys of the same names)."""
+
+    start_timeout_s: float = 600.0  # a starting worker the cluster cannot place (or load) in this time
+    max_start_failures: int = 3  # workers that fail to start, in a row, before the run fails
+    rollout_timeout_s: float = 1800.0  # all chunks of one `submit` back
+    sync_timeout_s: float = 300.0  # every worker has loaded new weights
+
+
+def _cause(err: BaseException) -> str:
+    """What a worker's failure says, in one line: its own exception, not Ray's wrapping of it."""
+    cause = getattr(err, "cause", None)
+    text = one_line(cause if isinstance(cause, BaseException) else err)
+    return text if len(text) <= 400 else text[:400] + " ..."
 
 
 @dataclass
@@ -46,9 +74,14 @@ class RolloutPool:
     chunks, so a worker the cluster cannot place yet never holds up an iteration.
     """
 
-    def __init__(self, spec: WorkerSpec, num_workers: int = 1, name: str = "rollout"):
+    def __init__(self, spec: WorkerSpec, num_workers: int = 1, name: str = "rollout",
+                 limits: PoolLimits = PoolLimits()):
         self.spec = spec
         self.name = name
+        self.limits = limits
+        self.start_failures = 0  # workers in a row that failed to start
+        self._next_start = 0.0  # monotonic time before which no replacement starts (backoff)
+        self.busy: dict[str, tuple[int, float]] = {}  # worker id -> (prompts in its chunk, monotonic start)
         self.workers: dict[str, ray.actor.ActorHandle] = {}  # ready
         self.starting: dict[str, tuple[ray.actor.ActorHandle, ray.ObjectRef]] = {}
         self._ids = itertools.count()
@@ -99,8 +132,9 @@ class RolloutPool:
         return worker_id
 
     def resize(self, target: int) -> None:
-        """Start or stop workers until ready + starting = `target`."""
-        while self.size < target:
+        """Start or stop workers until ready + starting = `target` (a replacement for a worker that failed to
+        start waits out its backoff)."""
+        while self.size < target and time.monotonic() >= self._next_start:
             self.add_worker()
         while self.size > target:
             self.remove_worker()
@@ -116,12 +150,31 @@ class RolloutPool:
             handle, _ = self.starting.pop(worker_id)
             try:
                 ray.get(ref)
-            except WORKER_LOST:
-                logger.warning("rollout worker %s died while starting", worker_id)
+            except Exception as err:
+                ray.kill(handle, no_restart=True)  # one whose constructor failed is alive, holding its CPUs
+                self._start_failed(worker_id, err)
                 continue
+            self.start_failures = 0
             self.workers[worker_id] = handle
 
+    def _start_failed(self, worker_id: str, err: Exception) -> None:
+        """A worker could not start: the user's error ends the call now; a fault is retried with backoff,
+        at most `max_start_failures` times in a row."""
+        reason = stop_reason(err)
+        if reason is not None:
+            raise reason from err
+        self.start_failures += 1
+        limit = self.limits.max_start_failures
+        if self.start_failures >= limit:
+            raise WorkerStartError(f"rollout workers failed to start {self.start_failures} times in a row "
+                                   f"(rollout.max_start_failures={limit}); the last one, {worker_id}: {_cause(err)}")
+        backoff = min(30.0, 2.0 ** (self.start_failures - 1))
+        self._next_start = time.monotonic() + backoff
+        logger.warning("rollout worker %s failed to start (%d of at most %d in a row), a new one in %.0f s: %s",
+                       worker_id, self.start_failures, limit, backoff, _cause(err))
+
     def _drop_dead(self, worker_id: str) -> None:
+        self.busy.pop(worker_id, None)
         if self.workers.pop(worker_id, None) is not None:
             logger.warning("rollout worker %s died; its prompts go to live workers", worker_id)
 
@@ -129,19 +182,22 @@ class RolloutPool:
         for worker_id in [*self.workers, *self.starting]:
             self.remove_worker(worker_id)
 
-    def _ensure_ready_worker(self, timeout: float = 600.0) -> None:
-        """At least one ready worker, starting one when none is on the way."""
+    def _ensure_ready_worker(self) -> None:
+        """At least one ready worker, starting one when none is on the way (after any backoff)."""
         self.wait_ready(0)
+        timeout = self.limits.start_timeout_s
         deadline = time.monotonic() + timeout
         while not self.workers:
             if not self.starting:
+                time.sleep(max(0.0, min(self._next_start, deadline) - time.monotonic()))
                 self.add_worker()
             ref = next(iter(self.starting.values()))[1]
             ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
             self.wait_ready(0)
             if not self.workers and time.monotonic() >= deadline:
-                raise TimeoutError(f"no rollout worker became ready in {timeout:.0f} s: the cluster has no room "
-                                   f"for one (each needs {self.demand}; free: {ray.available_resources()})")
+                raise WaitTimeout(f"no rollout worker became ready within rollout.start_timeout_s={timeout:g} s: "
+                                  f"the cluster has no room for one (each needs {self.demand}; free: "
+                                  f"{ray.available_resources()}), or loading the policy takes longer")
 
     # -- work --------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Episode]:
@@ -185,13 +241,30 @@ class RolloutPool:
         self.policy_version = version
         for handle, _ in self.starting.values():  # runs after their constructor, before any chunk
             handle.set_weights.remote(self._weights_ref, version)
-        calls = {worker_id: w.set_weights.remote(self._weights_ref, version) for worker_id, w in self.workers.items()}
-        for worker_id, ref in calls.items():
+        calls = {w.set_weights.remote(self._weights_ref, version): worker_id for worker_id, w in self.workers.items()}
+        timeout = self.limits.sync_timeout_s
+        done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
+        if late:
+            raise WaitTimeout(f"weight sync (policy version {version}) did not finish within "
+                              f"rollout.sync_timeout_s={timeout:g} s: {self.describe([calls[r] for r in late])} "
+                              "did not answer")
+        for ref in done:
             try:
                 ray.get(ref)
             except WORKER_LOST:
-                self._drop_dead(worker_id)
+                self._drop_dead(calls[ref])
         return time.perf_counter() - start
+
+    def describe(self, worker_ids: list[str]) -> str:
+        """`rollout-1 (generating 16 prompts for 42 s), rollout-2 (idle)`: who, and what they were doing."""
+        now, parts = time.monotonic(), []
+        for worker_id in worker_ids:
+            if worker_id in self.busy:
+                prompts, since = self.busy[worker_id]
+                parts.append(f"{worker_id} (generating {prompts} prompts for {now - since:.0f} s)")
+            else:
+                parts.append(f"{worker_id} (idle)")
+        return "worker " + ", ".join(parts) if len(parts) == 1 else "workers " + ", ".join(parts)
 
     def weights_digests(self) -> dict[str, str]:
         self.wait_ready(timeout=None)
@@ -210,20 +283,38 @@ class PendingRollout:
         ref = pool.workers[worker_id].generate.remote(self.prompt_ids[start:end], self.seeds[start:end],
                                                       pool.policy_version)
         self.pending[ref] = (worker_id, start, end)
+        pool.busy[worker_id] = (end - start, time.monotonic())
 
     def result(self) -> list[Episode]:
-        """Every episode once, in the order of the prompts given to `submit`."""
+        """Every episode once, in the order of the prompts given to `submit`.
+
+        A worker lost meanwhile has its chunk re-sent; a worker whose chunk raised the user's error (a
+        reward that fails, a prompt that does not fit) ends the call with that error, unwrapped; the whole
+        wait is bounded by `rollout_timeout_s`.
+        """
         pool, pending = self.pool, self.pending
         episodes: list[Episode | None] = [None] * len(self.prompt_ids)
+        timeout = pool.limits.rollout_timeout_s
+        deadline = time.monotonic() + timeout
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                workers = sorted({worker_id for worker_id, _, _ in pending.values()})
+                raise WaitTimeout(f"the rollout did not finish within rollout.timeout_s={timeout:g} s: "
+                                  f"{pool.describe(workers)} did not return its episodes")
             worker_id, start, end = pending.pop(ready[0])
+            pool.busy.pop(worker_id, None)
             try:
                 episodes[start:end] = ray.get(ready[0])
             except WORKER_LOST:
                 pool._drop_dead(worker_id)
                 pool.requeued_chunks += 1
                 self.send(pool._live_worker(exclude={w for w, _, _ in pending.values()}), start, end)
+            except Exception as err:
+                reason = stop_reason(err)
+                if reason is None:
+                    raise
+                raise reason from err  # the user's own error; Ray's remote traceback stays as its cause, for the log
         results: list[Episode | None] = [None] * len(episodes)
         for position, index in enumerate(self.order):
             results[index] = episodes[position]

@@ -71,12 +71,19 @@ class RolloutWorker:
                  max_length: int | None = None, dtype: str = "float32", use_gpu: bool = False,
                  max_batch: int | None = None):
         self.worker_id = worker_id
-        keep_freed_memory()  # each decoding step's (B, V) tensors reuse the last step's memory
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_policy(policy, dtype=DTYPES[dtype], device=device)
-        self.sampler = Sampler(self.model, self.tokenizer, build_reward(reward, device=device), params, max_length,
-                               max_batch)
         self.policy_version = 0
+        # A failing constructor would kill the actor, and Ray would report only "died while starting"; kept
+        # here, the error reaches the pool by `info()` with its own type and message (a reward that cannot
+        # be imported is the user's error: no restart can fix it).
+        self.start_error: Exception | None = None
+        try:
+            keep_freed_memory()  # each decoding step's (B, V) tensors reuse the last step's memory
+            device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+            self.model, self.tokenizer = load_policy(policy, dtype=DTYPES[dtype], device=device)
+            self.sampler = Sampler(self.model, self.tokenizer, build_reward(reward, device=device), params,
+                                   max_length, max_batch)
+        except Exception as error:
+            self.start_error = error
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], version: int) -> list[Episode]:
         if version != self.policy_version:
@@ -111,6 +118,9 @@ class RolloutWorker:
         return state_dict_digest(self.model.state_dict())
 
     def info(self) -> dict:
+        """Who and where the worker is, once it is ready; its constructor's error if it could not start."""
+        if self.start_error is not None:
+            raise self.start_error
         return {"worker_id": self.worker_id, "pid": os.getpid(), "policy_version": self.policy_version,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
