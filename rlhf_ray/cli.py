@@ -40,15 +40,28 @@ def cmd_config(args) -> int:
     return 0
 
 
+def run_failed(err: Exception) -> int:
+    """A run that cannot go on: where its traceback is (if it was kept), then the cause as the last line."""
+    from rlhf_ray.errors import one_line
+
+    log = getattr(err, "log", None)
+    if log:
+        print(f"rlhf-ray: the traceback is in {log}", file=sys.stderr)
+    print(f"rlhf-ray: {one_line(err)}", file=sys.stderr)
+    return 1
+
+
 def cmd_train(args) -> int:
+    from rlhf_ray.errors import RunStopped
     from rlhf_ray.pipeline.train import TrainingError, train
 
     config = load_config(args.config, args.overrides)
     try:
         run_dir = train(config, address=args.address, fresh=args.fresh)
-    except TrainingError as err:
-        print(f"rlhf-ray: {err}", file=sys.stderr)
-        return 1
+    except ConfigError:
+        raise
+    except (TrainingError, RunStopped) as err:
+        return run_failed(err)
     _print_reward_line(run_dir / "metrics.jsonl")
     print(f"run folder: {run_dir}  (policy: {run_dir / 'policy'})")
     return 0
@@ -62,17 +75,18 @@ def _print_reward_line(metrics: Path) -> None:
 
 
 def cmd_pipeline(args) -> int:
+    from rlhf_ray.errors import RunStopped
     from rlhf_ray.pipeline.stages import run_pipeline
     from rlhf_ray.pipeline.train import TrainingError
-    from rlhf_ray.data import DataError
     from rlhf_ray.stages import StageError
 
     config = load_config(args.config, args.overrides)
     try:
         status = run_pipeline(config, address=args.address, stages=tuple(args.stages.split(",")))
-    except (StageError, TrainingError, DataError) as err:
-        print(f"rlhf-ray: {err}", file=sys.stderr)
-        return 1
+    except ConfigError:
+        raise
+    except (StageError, TrainingError, RunStopped) as err:
+        return run_failed(err)
     print("stages: " + ", ".join(f"{stage} {state}" for stage, state in status.items()))
     if status.get("ppo") == "ran":
         _print_reward_line(Path(config.run_dir) / "metrics.jsonl")

@@ -312,7 +312,9 @@ def _pairs_for(args, pairs_path: Path, tokenizer) -> list[Pair]:
 
 def cmd_label(args) -> int:
     """Sample pairs (or read --pairs), label them with --annotator, write --out; 0 done, 1 a data/annotator error."""
+    from rlhf_ray.errors import UserError, one_line
     from rlhf_ray.models import ModelNotFoundError, load_tokenizer
+    from rlhf_ray.pipeline.preflight import SAMPLE_PROMPTS, PreflightReport, check_reward_call, fixed_responses
 
     pairs_path = Path(args.pairs) if args.pairs is not None else default_pairs_path(args.out)
     try:
@@ -321,12 +323,17 @@ def cmd_label(args) -> int:
         if use_chat_template(tokenizer, None):  # the reward sees the prompt as the policy did, as in PPO
             prompt_format = lambda prompt: format_prompt(tokenizer, prompt, chat=True)  # noqa: E731
         annotator = make_annotator(args.annotator, margin=args.margin, prompt_format=prompt_format)
+        if isinstance(annotator, ScriptedAnnotator):  # its reward is called once before anything is sampled
+            sample = [annotator.prompt_format(r.prompt) for r in
+                      load_prompts(args.prompts, field=args.prompt_field, limit=SAMPLE_PROMPTS)]
+            check_reward_call("--annotator", annotator.reward_fn, sample, fixed_responses(len(sample)),
+                              PreflightReport())
         pairs = _pairs_for(args, pairs_path, tokenizer)
         result = label_pairs(pairs, annotator)
         if result.records:
             write_preferences(result.records, args.out)
-    except (DataError, AnnotatorError, RewardError, ModelNotFoundError) as error:
-        print(f"rlhf-ray: {error}", file=sys.stderr)
+    except (DataError, AnnotatorError, RewardError, ModelNotFoundError, UserError) as error:
+        print(f"rlhf-ray: {one_line(error)}", file=sys.stderr)
         return 1
     labelled = len(result.records) + result.ties
     where = f"to {args.out}" if result.records else f"({args.out} not written: no pair decided)"

@@ -92,7 +92,7 @@ def test_more_learner_workers_than_the_cluster_has_fails_at_once(tmp_path):
                                                          "ppo.minibatch_size=16"])
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        with pytest.raises(TrainingError, match=r"learner.num_workers=4 .* need 6 CPUs, but the Ray cluster has 2"):
+        with pytest.raises(TrainingError, match=r"learner.num_workers=4 .* need 5 CPUs, but the Ray cluster has 2"):
             train(config, progress=False)
     finally:
         ray.shutdown()

@@ -168,6 +168,7 @@ def run_eval(args):
     from rlhf_ray.models.loading import DTYPES, load_policy, load_tokenizer
     from rlhf_ray.rewards import as_reward_function
     from rlhf_ray.rewards.composite import build_reward
+    from rlhf_ray.pipeline.preflight import SAMPLE_PROMPTS, PreflightReport, check_reward_call, fixed_responses
     from rlhf_ray.rollout.run_sampler import reward_spec, sampling_params
 
     target = resolve_target(args.target, args.config, args.overrides)
@@ -181,6 +182,11 @@ def run_eval(args):
     reward_fn = build_reward(reward_spec(config), device=args.device)
     judge = (as_reward_function(config.expand(args.judge), device=args.device) if args.judge
              else default_judge(reward_fn))
+    # the reward and the judge are called once on a few held-out prompts before the models load and sample
+    sample = prompt_texts[:SAMPLE_PROMPTS]
+    check_reward_call("reward", reward_fn, sample, fixed_responses(len(sample)), PreflightReport())
+    if args.judge:
+        check_reward_call("--judge", judge, sample, fixed_responses(len(sample)), PreflightReport())
     dtype = DTYPES[config.model.dtype]
     policy, _ = load_policy(target.policy, dtype=dtype, device=args.device)
     reference, _ = load_policy(reference_name, dtype=dtype, device=args.device)
@@ -214,13 +220,14 @@ def print_summary(result) -> None:
 
 def cmd_eval(args) -> int:
     from rlhf_ray.data import DataError
+    from rlhf_ray.errors import UserError, one_line
     from rlhf_ray.models.loading import ModelNotFoundError
     from rlhf_ray.rewards import RewardError
 
     try:
         report, result = run_eval(args)
-    except (EvalInputError, DataError, RewardError, ModelNotFoundError) as error:
-        print(f"rlhf-ray eval: {error}", file=sys.stderr)
+    except (EvalInputError, DataError, RewardError, ModelNotFoundError, UserError) as error:
+        print(f"rlhf-ray eval: {one_line(error)}", file=sys.stderr)
         return EXIT_FAILED
     print_summary(result)
     print(f"report: {report}")

@@ -20,7 +20,7 @@ import time
 
 from rlhf_ray.jobs.submit import (
     DEFAULT_TIMEOUT_S, EXIT_USAGE, JobsError, build_job_request, connect, dashboard_url, follow_logs, job_info,
-    submit_job, wait_for_end,
+    preflight_job, submit_job, wait_for_end,
 )
 
 EXIT_FAILED = 1
@@ -67,12 +67,16 @@ def _guarded(command):
     def run(args) -> int:
         from rlhf_ray.config import ConfigError
 
+        from rlhf_ray.errors import RunStopped, one_line
+
         try:
             return command(args)
         except ConfigError as err:
             return _fail(f"config error: {err}", EXIT_USAGE)
         except JobsError as err:
             return _fail(err)
+        except RunStopped as err:  # the preflight: a dataset, model or reward of the run that cannot work
+            return _fail(one_line(err), EXIT_FAILED)
 
     return run
 
@@ -96,6 +100,7 @@ def cmd_submit(args) -> int:
         entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
     )
     url = dashboard_url(args.address)
+    preflight_job(args.config, args.overrides, request.runtime_env["working_dir"])  # before anything is uploaded
     client = connect(url, timeout_s=args.timeout)
     job_id = submit_job(client, request)
     print(f"submitted job {job_id} to {url}\n"

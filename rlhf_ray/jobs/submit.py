@@ -323,6 +323,23 @@ def build_job_request(config_path: str | Path, overrides: list[str] = (), *, add
     )
 
 
+def preflight_job(config_path: str | Path, overrides: list[str], working_dir: str | Path) -> None:
+    """`rlhf_ray.pipeline.preflight` here, before the upload, as the job will see the project: paths and
+    imports relative to the working directory. Absolute paths that only the cluster has (a shared mount)
+    are left to the job's own preflight, which `rlhf-ray train` runs when it starts there."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.pipeline.preflight import preflight
+
+    config_path, root, cwd = Path(config_path).resolve(), str(Path(working_dir).resolve()), os.getcwd()
+    sys.path.insert(0, root)  # the job puts its working directory first on the Python path
+    try:
+        os.chdir(root)
+        preflight(load_config(config_path, list(overrides)).with_absolute_paths(), stages=("ppo",), on_cluster=True)
+    finally:
+        os.chdir(cwd)
+        sys.path.remove(root)
+
+
 def submit_job(client: "JobSubmissionClient", request: JobRequest) -> str:
     """Uploads the working directory and starts the job; returns its submission id."""
     try:

@@ -7,13 +7,22 @@ After the update all ranks gather the full policy (a collective under ZeRO-3) an
 every live rollout worker through one object-store copy; the policy version goes up by one.
 
 Rank 0 writes `metrics.jsonl` (one object per iteration), TensorBoard events, checkpoints every
-`train.checkpoint_every` iterations and the final `policy/` folder.
+`train.checkpoint_every` iterations, the final `policy/` folder, and `events.jsonl` (each start of the
+learner, and why a run stopped).
+
+The user's errors are not faults (`rlhf_ray.errors`): a `RunStopped` on rank 0 (a reward that raises or
+hangs, a prompt dataset that breaks, rollout workers that cannot start, a wait that ran out) is sent to
+every rank in place of the episodes, all ranks leave the loop normally, and rank 0 writes the traceback
+to `error.log` and tells the driver through the run's control actor. Ray Train then has nothing to
+retry, and the checkpoints already written stay, so the same command resumes once the user's code is
+fixed. Everything else that raises is a fault, which Ray Train retries (`train.max_failures`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import traceback
 from pathlib import Path
 
 import ray
@@ -27,6 +36,7 @@ from rlhf_ray.checkpoint import (
     write_run_state,
 )
 from rlhf_ray.config import RunConfig
+from rlhf_ray.errors import RunStopped, one_line
 from rlhf_ray.learner.distributed import get_rank, get_world_size, use_worker_cpus
 from rlhf_ray.learner.engine import EngineConfig, create_engine, create_reference_engine, gather_full_state_dict
 from rlhf_ray.learner.ppo import Reducer, make_experience, ppo_update
@@ -80,16 +90,39 @@ def iteration_prompts(config: RunConfig, prompt_ids: list[list[int]], iteration:
 def scale_pool(pool, control, config: RunConfig) -> None:
     """Grow or shrink the rollout pool towards what the run wants now (`rollout/elastic.py`)."""
     pool.wait_ready(0)
-    target = ray.get(control.rollout_target.remote())
+    target = ray.get(control.rollout_target.remote(), timeout=CONTROL_TIMEOUT_S)
     workers = config.rollout.workers
     pool.resize(desired_workers(pool.size, workers.min, workers.max, target, ray.available_resources(), pool.demand))
 
 
 def broadcast_episodes(episodes, rank: int):
+    """Rank 0's episodes (or the `StopMarker` that ends the run) on every rank."""
     box = [episodes if rank == 0 else None]
     if get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class StopMarker:
+    """Sent to every rank in place of the episodes: the run ends here, and nothing is retried."""
+
+
+CONTROL_TIMEOUT_S = 60.0  # the run's control actor lives on the driver's node and answers at once
+
+
+def log_event(run_dir: Path, event: str, **fields) -> None:
+    """One line of `events.jsonl`: the learner's starts (so restarts can be counted) and why a run stopped."""
+    with (run_dir / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+
+def report_stop(stop: RunStopped, run_dir: Path, control, iteration: int) -> None:
+    """The traceback to `error.log`, the one-line reason to `events.jsonl` and to the driver."""
+    log = run_dir / "error.log"
+    log.write_text("".join(traceback.format_exception(stop)))
+    message = one_line(stop)
+    log_event(run_dir, "stopped", iteration=iteration, error=type(stop).__name__, message=message)
+    ray.get(control.report_stop.remote(message, str(log)), timeout=CONTROL_TIMEOUT_S)
 
 
 def reward_component_means(episodes) -> dict:
@@ -166,10 +199,14 @@ def ppo_train_loop(loop_config: dict) -> None:
     temperature = config.rollout.sampling.temperature
 
     writer = export_model = prompt_ids = None
+    stop: RunStopped | None = None  # rank 0: why the run ends; sent to all ranks at the next broadcast
     if rank == 0:
         from rlhf_ray.rollout.run_sampler import prompt_texts
 
-        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(config, tokenizer)]
+        try:
+            prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(config, tokenizer)]
+        except RunStopped as err:  # a dataset that breaks here (the driver's preflight read it whole)
+            stop = err
         export_model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
 
     # Resume: the same command again (or a restart by Ray Train after a lost worker) continues from
@@ -184,26 +221,36 @@ def ppo_train_loop(loop_config: dict) -> None:
         prune_incomplete(run_dir, keep_after=state.iteration)
         truncate_metrics(run_dir / "metrics.jsonl", state.iteration)
         writer = MetricsWriter(run_dir)
+        log_event(run_dir, "learner_start", iteration=state.iteration, resumed_from=str(latest) if latest else None)
         if latest is not None:
             print(f"resuming from {latest} (iteration {state.iteration}, policy version {state.policy_version})")
-            pool.set_weights(state_dict, state.policy_version)
+            if stop is None:
+                try:
+                    pool.set_weights(state_dict, state.policy_version)
+                except RunStopped as err:
+                    stop = err
 
     next_rollout = None  # rank 0, rollout.overlap: the next iteration's episodes, on their way
     for iteration in range(state.iteration, config.train.iterations):
         started = time.perf_counter()
         episodes = None
-        if rank == 0:
-            if next_rollout is None:  # not sent out while the learner trained on the last iteration
-                scale_pool(pool, control, config)
-                next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration))
-            episodes, next_rollout = next_rollout.result(), None
-            if config.rollout.overlap and iteration + 1 < config.train.iterations:
-                # iteration k + 1 is generated with the weights of now while the learner trains on k
-                scale_pool(pool, control, config)
-                next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration + 1))
-            control.report_workers.remote(len(pool))
+        if rank == 0 and stop is None:
+            try:
+                if next_rollout is None:  # not sent out while the learner trained on the last iteration
+                    scale_pool(pool, control, config)
+                    next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration))
+                episodes, next_rollout = next_rollout.result(), None
+                if config.rollout.overlap and iteration + 1 < config.train.iterations:
+                    # iteration k + 1 is generated with the weights of now while the learner trains on k
+                    scale_pool(pool, control, config)
+                    next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration + 1))
+                control.report_workers.remote(len(pool))
+            except RunStopped as err:
+                stop = err
         rollout_s = time.perf_counter() - started
-        episodes = broadcast_episodes(episodes, rank)
+        episodes = broadcast_episodes(StopMarker() if stop is not None else episodes, rank)
+        if isinstance(episodes, StopMarker):
+            break
         per_rank = len(episodes) // world
         shard = episodes[rank * per_rank:(rank + 1) * per_rank]
         # episodes of an older policy than the learner's (overlap, or a chunk re-sent after new weights)
@@ -226,7 +273,10 @@ def ppo_train_loop(loop_config: dict) -> None:
                          data_position=(iteration + 1) * config.rollout.batch_size,
                          kl_controller=kl_controller.state_dict())
         if rank == 0:
-            pool.set_weights(state_dict, state.policy_version)
+            try:
+                pool.set_weights(state_dict, state.policy_version)
+            except RunStopped as err:  # the other ranks learn of it at the next broadcast; the checkpoint stays
+                stop = err
         sync_s = time.perf_counter() - t  # gather (a collective under ZeRO-3) + broadcast to workers
         learner_tokens = int(reducer.sum(experience.batch.attention_mask.sum())) * config.ppo.epochs
 
@@ -251,5 +301,7 @@ def ppo_train_loop(loop_config: dict) -> None:
             if rank == 0:
                 save_policy(export_model, state_dict, tokenizer, path / "policy")
                 write_run_state(path, state)
-    if rank == 0:
+    if rank == 0 and stop is not None:
+        report_stop(stop, run_dir, control, state.iteration)
+    elif rank == 0:
         save_policy(export_model, state_dict, tokenizer, run_dir / "policy")

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from rlhf_ray.config import RunConfig, dump_config
+from rlhf_ray.pipeline.preflight import preflight
 from rlhf_ray.stages.common import StageError, run_stage, stage_complete
 
 STAGES = ("sft", "reward_model", "ppo")
@@ -45,17 +46,6 @@ def check_wiring(config: RunConfig) -> None:
                 raise StageError(f"{key} is {path!r}, but the config has no '{stage}' section to make it")
 
 
-def check_data(config: RunConfig) -> None:
-    """Read every dataset of the run on the driver first: a bad line fails here, naming file and line,
-    before any worker starts (raw records; the workers apply chat templates)."""
-    if config.sft is not None:
-        config.sft.data.load_sft()
-    if config.reward_model is not None:
-        config.reward_model.data.load_preferences()
-    if config.data.prompt_dataset is not None:
-        config.data.prompt_dataset.load_prompts()
-
-
 def run_pipeline(config: RunConfig, address: str | None = None, progress: bool = True,
                  stages: tuple[str, ...] = STAGES) -> dict[str, str]:
     """Run the configured stages in order; returns each stage's status: 'ran', 'skipped' or 'absent'.
@@ -71,7 +61,9 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
 
     config = config.with_absolute_paths()
     check_wiring(config)
-    check_data(config)
+    # every dataset, model and reward the chosen stages read, before Ray starts (a stage's output is
+    # checked once that stage has made it: PPO's own preflight runs in `train`)
+    preflight(config, stages=stages)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(dump_config(config))

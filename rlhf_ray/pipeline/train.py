@@ -22,11 +22,12 @@ from ray.train import FailureConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rlhf_ray.config import RunConfig, dump_config
+from rlhf_ray.errors import one_line, stop_reason
 from rlhf_ray.learner.distributed import deepspeed_worker_env
 from rlhf_ray.learner.train_loop import ppo_train_loop
-from rlhf_ray.models import resolve_model_path
+from rlhf_ray.pipeline.preflight import preflight
 from rlhf_ray.rollout.elastic import start_control
-from rlhf_ray.rollout.pool import RolloutPool, WorkerSpec
+from rlhf_ray.rollout.pool import PoolLimits, RolloutPool, WorkerSpec
 from rlhf_ray.rollout.run_sampler import reward_spec, sampling_params
 
 
@@ -35,7 +36,25 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": 
 
 
 class TrainingError(RuntimeError):
-    """The learner failed; the message carries the worker's error."""
+    """The run failed; the message is the cause in one line, `log` the file with its traceback (if any)."""
+
+    def __init__(self, message: str, log: str | None = None):
+        super().__init__(message)
+        self.log = log
+
+
+def learner_failure(err: Exception) -> TrainingError:
+    """Ray Train's error, as the one line of its cause: the user's error if one is behind it, else the first
+    failing rank's own exception (not "Training failed due to worker errors:" and a page of tracebacks)."""
+    reason = stop_reason(err)
+    if reason is not None:
+        return TrainingError(one_line(reason))
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None)
+        return TrainingError(f"the learner failed (rank {rank}, after train.max_failures restarts): "
+                             f"{type(cause or failure).__name__}: {one_line(cause or failure)[:500]}")
+    return TrainingError(f"the learner failed: {one_line(err)[:500]}")
 
 
 def start_ray(config: RunConfig, address: str | None) -> None:
@@ -76,7 +95,10 @@ def rollout_pool(config: RunConfig) -> RolloutPool:
                       max_length=config.rollout.max_length, max_batch=config.rollout.max_batch, dtype=config.model.dtype,
                       use_gpu=config.rollout.use_gpu, num_cpus=config.rollout.num_cpus,
                       actor_options={"resources": dict(config.rollout.resources)} if config.rollout.resources else {})
-    return RolloutPool(spec, num_workers=config.rollout.workers.min, name=f"{config.name}-rollout")
+    rollout = config.rollout
+    limits = PoolLimits(start_timeout_s=rollout.start_timeout_s, max_start_failures=rollout.max_start_failures,
+                        rollout_timeout_s=rollout.timeout_s, sync_timeout_s=rollout.sync_timeout_s)
+    return RolloutPool(spec, num_workers=rollout.workers.min, name=f"{config.name}-rollout", limits=limits)
 
 
 def follow_metrics(path: Path, total: int, done: threading.Event) -> None:
@@ -103,22 +125,20 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "policy", "ray_tra
 def train(config: RunConfig, address: str | None = None, progress: bool = True, fresh: bool = False) -> Path:
     """Run PPO as configured; returns the run folder (`output_dir/name`).
 
-    A run folder with a complete checkpoint is resumed from it (see `rlhf_ray.checkpoint`);
-    `fresh=True` deletes the folder's earlier outputs first.
+    Everything the user supplies is checked first, on this machine, before Ray starts
+    (`rlhf_ray.pipeline.preflight`; a `PreflightError` names what is wrong). A run folder with a complete
+    checkpoint is resumed from it (see `rlhf_ray.checkpoint`); `fresh=True` deletes the folder's earlier
+    outputs first. A user error during the run (`rlhf_ray.errors`) ends it at once, without a retry, as
+    a `TrainingError` whose message is that error's and whose `log` is the traceback's file.
     """
     config = config.with_absolute_paths()
+    preflight(config, stages=("ppo",))
     run_dir = Path(config.run_dir)
     if fresh:
-        for name in RUN_OUTPUTS:
+        for name in (*RUN_OUTPUTS, "events.jsonl", "error.log"):
             path = run_dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for key, name in (("model.policy", config.model.policy), ("model.reference", config.model.reference)):
-        if name is not None:
-            try:
-                resolve_model_path(config.expand(name))
-            except (FileNotFoundError, OSError) as err:
-                raise TrainingError(f"{key}: {err}") from err
     (run_dir / "config.yaml").write_text(dump_config(config))
     start_ray(config, address)
     check_resources(config)
@@ -144,12 +164,15 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
         follower.start()
     try:
         trainer.fit()
+        stopped = ray.get(control.stopped.remote(), timeout=60)
     except ray.train.TrainingFailedError as err:
-        raise TrainingError(f"the learner failed: {err}") from err
+        raise learner_failure(err) from err
     finally:
         done.set()
         if progress:
             follower.join(timeout=5)
         pool.shutdown()
         ray.kill(control)
+    if stopped is not None:  # the learner ended the run on a user error or a bound (nothing was retried)
+        raise TrainingError(stopped["message"], log=stopped["log"])
     return run_dir

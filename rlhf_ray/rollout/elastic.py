@@ -38,6 +38,7 @@ class RunControl:
         self.run_name, self.minimum, self.maximum = run_name, minimum, maximum
         self.target: int | None = None
         self.workers = 0
+        self.stop: dict | None = None  # why the learner ended the run early (rlhf_ray.errors.RunStopped)
 
     def set_rollout_workers(self, count: int) -> dict:
         if count < 1:
@@ -50,6 +51,14 @@ class RunControl:
 
     def report_workers(self, count: int) -> None:
         self.workers = count
+
+    def report_stop(self, message: str, log: str) -> None:
+        """The learner's rank 0 ended the run on a user error or a bound: the one-line reason and the
+        traceback's file, for the driver."""
+        self.stop = {"message": message, "log": log}
+
+    def stopped(self) -> dict | None:
+        return self.stop
 
     def status(self) -> dict:
         return {"run": self.run_name, "target": self.target, "min": self.minimum, "max": self.maximum,
