@@ -26,8 +26,8 @@ from rlhf_ray.jobs.cli import build_parser
 from rlhf_ray.jobs.submit import JobsError, build_job_request
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["train.iterations=1", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=1", "rollout.workers.min=1",
-         "rollout.workers.max=1"]
+# a short quickstart: one iteration, with the quickstart's own pool (2 rollout workers of 0.5 CPU + 1 learner rank)
+QUICK = ["train.iterations=1", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=1"]
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 
@@ -85,8 +85,9 @@ def ray_head():
     token = secrets.token_hex(16)
     dashboard = free_port()
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    # 2 CPUs: the head of `ray start --head` on a 2-core machine, where the README's submit example must run
     command = [ray_cli, "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-               "--dashboard-host=127.0.0.1", "--num-cpus=4", "--node-ip-address=127.0.0.1", f"--temp-dir={root}",
+               "--dashboard-host=127.0.0.1", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--temp-dir={root}",
                f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                "--disable-usage-stats"]
     log = open(Path(root) / "ray-start.log", "w")
@@ -136,6 +137,7 @@ def test_submit_runs_the_quickstart_to_succeeded_with_outputs_in_the_storage_pat
     run = storage / "jobs-e2e"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [1]
+    assert rows[0]["pool/workers"] == 2  # the quickstart as written fits a head of 2 CPUs
     assert (run / "policy" / "config.json").is_file() and (run / "policy" / "tokenizer.json").is_file()
     assert "batch_size: 8" in (run / "config.yaml").read_text()
 
