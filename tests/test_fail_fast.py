@@ -77,7 +77,8 @@ def test_workers_that_die_while_starting_are_replaced_at_most_max_start_failures
     message = str(raised.value)
     assert message.startswith("rollout workers failed to start 2 times in a row (rollout.max_start_failures=2); "
                               "the last one, rollout-1: ")
-    assert "died" in message  # the worker's own death, as Ray reports it, not "no room in the cluster"
+    # the worker's own death, as Ray reports it, not "no room in the cluster"
+    assert "its process (pid " in message and "died, SYSTEM_ERROR: " in message
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -46,9 +47,13 @@ class PoolLimits:
 
 
 def _cause(err: BaseException) -> str:
-    """What a worker's failure says, in one line: its own exception, not Ray's wrapping of it."""
+    """What a worker's failure says, in one line: its own exception, not Ray's wrapping of it; for a process
+    that died, how it exited (Ray's message around that is a page of possible causes)."""
     cause = getattr(err, "cause", None)
     text = one_line(cause if isinstance(cause, BaseException) else err)
+    died = re.search(r"pid: (\d+).*Worker exit type: (\w+) Worker exit detail: (.+?\.)", text)
+    if isinstance(err, WORKER_LOST) and died:
+        return f"its process (pid {died[1]}) died, {died[2]}: {died[3]}"
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
