@@ -173,6 +173,8 @@ def test_serve_config_rejects_unknown_fields_and_inconsistent_bounds():
         ServeConfig(max_tokens_limt=3)
     with pytest.raises(ValueError, match="min_replicas"):
         ServeConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="ingress_max_ongoing_requests"):
+        ServeConfig(ingress_max_ongoing_requests=10)  # fewer open requests than one model replica takes
 
 
 def test_api_key_comes_from_the_environment_when_not_given(monkeypatch):
@@ -188,15 +190,19 @@ def test_serve_command_with_a_missing_policy_fails_before_starting_ray(tmp_path,
     assert "not found" in capsys.readouterr().err
 
 
-def test_build_app_sets_autoscaling_batching_and_the_store(tmp_path):
+def test_build_app_puts_a_light_ingress_before_the_autoscaled_model_and_the_store(tmp_path):
     from rlhf_ray.serve.app import build_app
 
-    app = build_app(ServeConfig(min_replicas=1, max_replicas=3, max_batch_size=8, feedback_db=str(tmp_path / "f.db")))
-    server = app._bound_deployment
-    autoscaling = server._deployment_config.autoscaling_config
+    config = ServeConfig(min_replicas=1, max_replicas=3, max_batch_size=8, feedback_db=str(tmp_path / "f.db"))
+    ingress = build_app(config)._bound_deployment
+    # the ingress reserves no CPU and holds many open requests (slow uploads wait there, not at the model)
+    assert ingress.ray_actor_options["num_cpus"] == 0
+    assert ingress.max_ongoing_requests == config.ingress_max_ongoing_requests > config.max_ongoing_requests
+    model, store = (arg._bound_deployment for arg in ingress.init_args[1:])
+    autoscaling = model._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
-    assert server.init_args[0]["max_batch_size"] == 8
-    store = server.init_args[1]._bound_deployment
+    assert model.max_ongoing_requests == config.max_ongoing_requests
+    assert ingress.init_args[0]["max_batch_size"] == model.init_args[0]["max_batch_size"] == 8
     assert store.num_replicas == 1 and store.init_args == (str(tmp_path / "f.db"),)
 
 

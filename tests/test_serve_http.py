@@ -1,10 +1,14 @@
 """The policy server on a real Ray Serve (127.0.0.1, a free port, a tiny policy): HTTP calls with httpx and
-with the official openai client, streaming, 32 concurrent requests, bad requests, the API key, feedback
-that survives a restart of the server, and its export as the reward model's dataset."""
+with the official openai client, streaming, 32 concurrent requests, bad requests, the API key, uploads that
+stall half-way, feedback that survives a restart of the server, and its export as the reward model's
+dataset."""
 
 import asyncio
 import json
+import resource
+import selectors
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -24,6 +28,7 @@ KEY = "serve-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "tiny-policy"
 TIMEOUT = httpx.Timeout(60.0)
+BODY_TIMEOUT_S = 4.0  # short, so the stalled-upload test waits little; every other request sends its body at once
 
 
 def free_port() -> int:
@@ -56,8 +61,13 @@ def server(tiny_model_dir, tmp_path_factory):
         policy=str(tiny_model_dir), model_name=MODEL, api_key=KEY,
         feedback_db=str(tmp_path_factory.mktemp("serve") / "feedback.db"),
         min_replicas=1, max_replicas=2, target_ongoing_requests=64,  # autoscaled, but this load stays on one
-        num_cpus=1, max_batch_size=16, max_tokens_limit=32,
+        num_cpus=1, max_batch_size=16, max_tokens_limit=32, body_timeout_s=BODY_TIMEOUT_S,
     )
+    # the stalled-upload test holds hundreds of sockets in this process and in the proxy (Ray's children
+    # inherit the limit)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         server = Server(config)
@@ -203,6 +213,8 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "the " * 120}, 400, "too long"),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "a " * 600_000}, 413, "larger than"),
+    ("POST", "/v1/completions", b'{"model": "tiny-policy", "prompt": "a \\ud800"}', 400, "prompt: character 2"),
+    ("POST", "/v1/feedback", b'{"completion_id": "x", "rating": 4, "comment": "\\udfff"}', 400, "comment: character 0"),
     ("POST", "/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("POST", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "content"),
     ("POST", "/v1/feedback", {"completion_id": "cmpl-unknown", "rating": 4}, 404, "no completion"),
@@ -236,6 +248,82 @@ def test_every_route_but_health_answers_401_without_the_key(server):
                 assert response.status_code == 401, (method, path, headers)
                 assert response.json()["error"]["type"] == "authentication_error"
         assert anonymous.get("/health").status_code == 200
+
+
+STALLED = 256  # uploads that stop half-way: 4 x the model replica's max_ongoing_requests (64)
+
+
+def stalled_upload(port: int) -> socket.socket:
+    """A POST whose headers promise 1000 bytes of body, of which 10 are sent; then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    sock.sendall(head.encode() + b'{"model": ')
+    return sock
+
+
+def ongoing_requests(deployment: str) -> int:
+    """Requests the replicas of `deployment` hold now (Serve's own count: what max_ongoing_requests bounds)."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]]
+    return sum(ray.get([ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote() for name in names]))
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.2)
+
+
+def first_answers(sockets: list[socket.socket], timeout_s: float) -> list[str]:
+    """Per socket, the status line of its answer ("HTTP/1.1 408 ...") or "closed"; "" if none came in time."""
+    answers, received = [""] * len(sockets), [b""] * len(sockets)
+    with selectors.DefaultSelector() as selector:
+        for i, sock in enumerate(sockets):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + timeout_s
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.5):
+                i = key.data
+                try:
+                    chunk = key.fileobj.recv(4096)
+                except ConnectionError:
+                    chunk = b""
+                received[i] += chunk
+                if b"\r\n" in received[i] or not chunk:
+                    answers[i] = received[i].split(b"\r\n")[0].decode() if received[i] else "closed"
+                    selector.unregister(key.fileobj)
+    return answers
+
+
+def test_stalled_uploads_hold_no_model_slot_and_are_answered_408(server):
+    """256 connections that send headers and part of a body, then go quiet: they wait at the ingress, not
+    in the model replica's 64 slots, so /health and a completion are answered meanwhile; after
+    body_timeout_s each gets a 408 and its slot is free again."""
+    sockets = []
+    try:
+        for _ in range(STALLED):
+            sockets.append(stalled_upload(server.port))
+        # every stalled request has reached the ingress and holds one of its slots; none holds a model slot
+        wait_until(lambda: ongoing_requests("OpenAIServer") >= STALLED, 30, f"{STALLED} requests at the ingress")
+        assert ongoing_requests("PolicyServer") == 0
+        with server.client() as client:
+            start = time.monotonic()
+            assert client.get("/health").json() == {"status": "ok"}
+            assert time.monotonic() - start < 5, "/health waited behind the stalled uploads"
+            start = time.monotonic()
+            assert complete(client, max_tokens=4)["choices"][0]["finish_reason"] in ("stop", "length")
+            assert time.monotonic() - start < 30, "a completion waited behind the stalled uploads"
+        answers = first_answers(sockets, timeout_s=BODY_TIMEOUT_S + 60)
+        assert all(answer.startswith("HTTP/1.1 408") or answer == "closed" for answer in answers), \
+            sorted(set(answers))
+        assert sum(answer.startswith("HTTP/1.1 408") for answer in answers) >= STALLED // 2, sorted(set(answers))
+        wait_until(lambda: ongoing_requests("OpenAIServer") == 0, 30, "the ingress freed the stalled requests")
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def post_feedback(client: httpx.Client, **fields) -> dict:

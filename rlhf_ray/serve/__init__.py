@@ -1,11 +1,15 @@
 """Serving a trained policy on Ray Serve, and collecting human feedback on what it writes.
 
     config.py          ServeConfig: the policy, bounds on requests, replicas, batching, the API key
-    schemas.py         OpenAI request/response bodies (pydantic), feedback
+    schemas.py         OpenAI request/response bodies (pydantic), feedback; text must be Unicode
+    prompts.py         PromptCodec: tokenizer, chat template and context length, without the weights
     engine.py          GenerationEngine: batched KV-cache sampling of concurrent requests, streaming text
-    api.py             the FastAPI app over a backend: routes, request checks, errors, SSE streams
-    guard.py           the outermost ASGI layer: API key, request size, no traceback to clients
-    app.py             the Serve deployments (autoscaled model replicas with @serve.batch, feedback store)
+    api.py             the FastAPI app over a backend: routes, errors, SSE streams
+    checks.py          request checks beyond the schema (model, bounds, context) and validation messages
+    openapi.py         /openapi.json: every status, the SSE streams, the API key, the configured bounds
+    guard.py           the outermost ASGI layer: API key, request size and body timeout, no traceback to clients
+    app.py             the Serve deployments (HTTP ingress; autoscaled model replicas with @serve.batch;
+                       feedback store)
     feedback_store.py  SQLite (WAL) completions and feedback; export for reward-model training
     policy.py          model id and policy version of a policy folder
     cli.py             `rlhf-ray serve` and `rlhf-ray feedback export`

@@ -1,5 +1,6 @@
 """The HTTP API of the policy server as a plain FastAPI app over a `Backend`, so it runs (and is tested)
-with or without Ray Serve; `rlhf_ray.serve.app` is the Serve deployment that is its backend in production.
+with or without Ray Serve; in production its backend is the ingress deployment of `rlhf_ray.serve.app`,
+which hands the sampling to the model replicas.
 
     GET  /health                 liveness, no key needed
     GET  /v1/models              the served policy
@@ -10,7 +11,8 @@ with or without Ray Serve; `rlhf_ray.serve.app` is the Serve deployment that is 
 Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx status that says what
 was wrong with which request part; an unexpected failure is a 500 that says only "internal error" (the
 traceback goes to the server log, never to the client). Streams are server-sent events ending in
-`data: [DONE]`; a failure inside a stream is one `data: {"error": ...}` event.
+`data: [DONE]`; a failure inside a stream is one `data: {"error": ...}` event. /openapi.json lists every
+status and bound (serve/openapi.py); request checks are in serve/checks.py.
 
 A response is sent (a stream ends) only after its completion is stored, so every id a client receives
 can be rated at once; feedback on a stream that has not ended yet is a 404.
@@ -21,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rlhf_ray.serve.checks import APIError, check_model, generation_rows, validation_message
 from rlhf_ray.serve.config import ServeConfig
 from rlhf_ray.serve.feedback_store import ChoiceRecord, CompletionRecord, FeedbackError
 from rlhf_ray.serve.guard import GuardMiddleware, error_response
+from rlhf_ray.serve.openapi import document_api
 from rlhf_ray.serve.schemas import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatDelta, Completion, CompletionChoice, CompletionRequest, FeedbackAck, FeedbackRequest, ModelCard,
+    ChatDelta, Completion, CompletionChoice, CompletionRequest, FeedbackAck, FeedbackRequest, Health, ModelCard,
     ModelList, Usage,
 )
 
@@ -47,15 +50,6 @@ if TYPE_CHECKING:  # torch is imported by the model replica only (not by the fee
 logger = logging.getLogger("rlhf_ray.serve")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class APIError(Exception):
-    """A request the server will not serve: answered with `status` and OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
 
 @dataclass
@@ -151,54 +145,6 @@ class LocalBackend:
     async def add_feedback(self, feedback):
         return self.store.add_feedback(feedback.completion_id, feedback.rating, feedback.choice_index,
                                        feedback.comment)
-
-
-# Request checks
-
-
-def _check_model(backend: Backend, model: str) -> None:
-    if model != backend.model_name:
-        raise APIError(404, f"model {model!r} not found; this server serves {backend.model_name!r}",
-                       "model", "model_not_found")
-
-
-def _rows(backend: Backend, config: ServeConfig, body, prompts: list[str]) -> tuple[list[GenerationRequest], list[int]]:
-    """The sequences to sample for `prompts` x n choices, after every bound of the config is checked;
-    also the prompts' token counts."""
-    from rlhf_ray.rollout.sampler import episode_seed
-    from rlhf_ray.serve.engine import GenerationRequest
-
-    max_tokens = config.default_max_tokens if body.max_tokens is None else body.max_tokens
-    if max_tokens > config.max_tokens_limit:
-        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {config.max_tokens_limit}",
-                       "max_tokens")
-    if len(prompts) * body.n > config.max_choices:
-        raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} asks for {len(prompts) * body.n} choices; "
-                            f"this server allows at most {config.max_choices} per request", "n")
-    stops = body.stop_strings
-    if len(stops) > config.max_stop:
-        raise APIError(400, f"{len(stops)} stop strings; at most {config.max_stop} allowed", "stop")
-    if any(len(stop) > config.max_stop_chars for stop in stops):
-        raise APIError(400, f"a stop string is longer than {config.max_stop_chars} characters", "stop")
-    prompt_limit = backend.context_length - max_tokens
-    if config.max_prompt_tokens is not None:
-        prompt_limit = min(prompt_limit, config.max_prompt_tokens)
-    seed = secrets.randbits(63) if body.seed is None else body.seed % (1 << 64)
-    rows, prompt_tokens = [], []
-    param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    for p, prompt in enumerate(prompts):
-        ids = tuple(backend.encode(prompt))
-        if not ids:
-            raise APIError(400, f"prompt {p} is empty (no tokens)", param)
-        if len(ids) > prompt_limit:
-            bound = f", max_prompt_tokens {config.max_prompt_tokens}" if config.max_prompt_tokens else ""
-            raise APIError(400, f"prompt {p} is too long: {len(ids)} tokens, but at most {prompt_limit} fit "
-                                f"(context {backend.context_length} tokens, max_tokens {max_tokens}{bound})",
-                           param, "context_length_exceeded")
-        prompt_tokens.append(len(ids))
-        rows += [GenerationRequest(ids, max_tokens, body.temperature, body.top_p, episode_seed(seed, p, j), stops)
-                 for j in range(body.n)]
-    return rows, prompt_tokens
 
 
 def _sampling_record(body) -> dict:
@@ -298,35 +244,12 @@ class _Completions:
 # The app
 
 
-def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
-    """One line per problem, naming the request part: `max_tokens: Input should be a valid integer`."""
-    lines, first_param = [], None
-    for item in error.errors():
-        loc = [str(part) for part in item.get("loc", ()) if part != "body"]
-        if item.get("type") == "json_invalid":
-            reason = item.get("ctx", {}).get("error", "")
-            return f"request body is not valid JSON{': ' + reason if reason else ''}", None
-        if item.get("type") == "missing" and not loc:
-            return "request body is missing (expected a JSON object)", None
-        # unions report each branch (`prompt.str`, `prompt.list[str]`): keep the field's path
-        loc = [part for part in loc if not any(c in part for c in "[]") and part not in ("str", "int", "float",
-                                                                                         "bool", "list")]
-        param = ".".join(loc) or None
-        first_param = first_param or param
-        message = item.get("msg", "invalid value")
-        if item.get("type") == "extra_forbidden":
-            message = "unknown or unsupported field"
-        got = "" if item.get("type") in ("missing", "extra_forbidden") else f" (got {item.get('input')!r:.80})"
-        line = f"{param}: {message}{got}" if param else f"{message}{got}"
-        if line not in lines:
-            lines.append(line)
-    return "; ".join(lines), first_param
-
-
 def build_api(backend: Backend, config: ServeConfig) -> FastAPI:
     """The FastAPI app of the server, over `backend`, with the bounds and key of `config`."""
     app = FastAPI(title="rlhf-ray policy server", version="1", docs_url="/docs", redoc_url=None)
-    app.add_middleware(GuardMiddleware, api_key=config.resolved_api_key(), max_request_bytes=config.max_request_bytes)
+    app.add_middleware(GuardMiddleware, api_key=config.resolved_api_key(), max_request_bytes=config.max_request_bytes,
+                       body_timeout_s=config.body_timeout_s)
+    document_api(app, config, backend.model_name, backend.context_length)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -339,19 +262,20 @@ def build_api(backend: Backend, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
-        message, param = _validation_message(err)
+        message, param = validation_message(err)
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         messages = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on "
-                                                              f"{request.url.path}"}
+                                                              f"{request.url.path}",
+                    400: "request body cannot be read as JSON (expected a JSON object in UTF-8)"}
         return error_response(err.status_code, messages.get(err.status_code, str(err.detail)),
                               headers=getattr(err, "headers", None))
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+    async def health() -> Health:
+        return Health()
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -360,13 +284,13 @@ def build_api(backend: Backend, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> ModelCard:
-        _check_model(backend, model)
+        check_model(backend, model)
         return ModelCard(id=backend.model_name, created=backend.created, policy_version=backend.policy_version)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=Completion)
     async def completions(body: CompletionRequest):
-        _check_model(backend, body.model)
-        rows, prompt_tokens = _rows(backend, config, body, body.prompts)
+        check_model(backend, body.model)
+        rows, prompt_tokens = generation_rows(backend, config, body, body.prompts)
         job = _Completions(backend, "completions", body, body.prompts, rows, prompt_tokens)
         if body.stream:
             return StreamingResponse(job.events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -375,16 +299,16 @@ def build_api(backend: Backend, config: ServeConfig) -> FastAPI:
             CompletionChoice(index=i, text=text, finish_reason=reason)
             for i, (text, reason) in enumerate(zip(job.texts, job.finish_reasons))])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(body: ChatCompletionRequest):
-        _check_model(backend, body.model)
+        check_model(backend, body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         try:
             prompt = backend.chat_prompt(messages)
         except Exception as err:  # a chat template that refuses these messages (e.g. roles out of order)
             raise APIError(400, f"messages cannot be rendered by the model's chat template: {err}",
                            "messages") from None
-        rows, prompt_tokens = _rows(backend, config, body, [prompt])
+        rows, prompt_tokens = generation_rows(backend, config, body, [prompt])
         job = _Completions(backend, "chat.completions", body, [prompt], rows, prompt_tokens)
         if body.stream:
             return StreamingResponse(job.events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,15 +1,23 @@
-"""The Ray Serve application: an autoscaled, batching model deployment behind a FastAPI ingress, and one
+"""The Ray Serve application: a light HTTP ingress in front of autoscaled, batching model replicas, and one
 feedback-store replica that owns the SQLite file.
 
-    HTTP ──► Serve proxy ──► OpenAIServer × [min_replicas, max_replicas]   (FastAPI app of serve/api.py)
-                                 │ @serve.batch: concurrent requests → one GenerationEngine batch
-                                 ▼
-                             FeedbackStoreServer × 1   (SQLite WAL; @serve.batch groups commits)
+    HTTP ──► Serve proxy ──► OpenAIServer × ingress_replicas   (FastAPI app of serve/api.py, no CPU)
+                                 │  whole, checked, tokenised requests only (DeploymentHandle, streamed)
+                                 ├──► PolicyServer × [min_replicas, max_replicas]
+                                 │      @serve.batch: concurrent requests → one GenerationEngine batch
+                                 └──► FeedbackStoreServer × 1   (SQLite WAL; @serve.batch groups commits)
 
-Both are thin: the model replica loads the policy and hands batches to `api.batch_outputs`; the store
-replica calls `FeedbackStore`. Build the application with `build_app(ServeConfig(...))`, or let Serve call
-`app_builder` from a config file (`serve run cluster/serve_config.yaml`, `serve deploy ...`), whose `args`
-are the fields of `ServeConfig`.
+Why two deployments: Ray Serve's proxy (ray/serve/_private/proxy.py, Ray 2.60) hands a request to a
+replica as soon as its headers arrive, and the replica pulls the body from the proxy afterwards
+(`receive_asgi_messages`); the request holds one of the replica's `max_ongoing_requests` slots all that
+time. Were the model replica the ingress, 64 uploads that stop half-way would hold all of its slots and
+nothing, /health included, would be answered. The ingress has thousands of slots that cost an idle
+coroutine each, reads every body within `body_timeout_s` (408 beyond), answers /health and /v1/models
+itself, and takes a model slot only for a request that is whole and valid.
+
+Build the application with `build_app(ServeConfig(...))`, or let Serve call `app_builder` from a config
+file (`serve run cluster/serve_config.yaml`, `serve deploy ...`), whose `args` are the fields of
+`ServeConfig`.
 """
 
 import asyncio
@@ -57,17 +65,15 @@ class FeedbackStoreServer:
 
 
 @serve.deployment
-@serve.ingress()
-class OpenAIServer:
-    """One replica: the policy, its engine, and the FastAPI app of `api.build_api` over them."""
+class PolicyServer:
+    """One model replica: the policy and its engine; samples the rows of whole requests in batches."""
 
-    def __init__(self, config: dict, store):
+    def __init__(self, config: dict):
         import torch
 
         from rlhf_ray.models import load_policy
         from rlhf_ray.rollout.decoding import keep_freed_memory
         from rlhf_ray.serve.engine import GenerationEngine
-        from rlhf_ray.serve.policy import model_name, policy_version
 
         self.config = ServeConfig.model_validate(config)
         # as many intra-op threads as CPUs reserved: more only contend with the other replicas
@@ -77,27 +83,12 @@ class OpenAIServer:
         device = "cuda" if self.config.num_gpus > 0 else "cpu"
         model, tokenizer = load_policy(self.config.policy, dtype=dtype, device=device)
         self.engine = GenerationEngine(model, tokenizer)
-        self.model_name = self.config.model_name or model_name(self.config.policy)
-        self.policy_version = self.config.policy_version or policy_version(self.config.policy)
-        self.created = int(time.time())
-        self.context_length = self.engine.context_length
-        self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._generate_batch.set_max_batch_size(self.config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
-    def __serve_build_asgi_app__(self):
-        return build_api(self, self.config)
-
-    # the Backend protocol of serve/api.py
-
-    def encode(self, text: str) -> list[int]:
-        return self.engine.encode(text)
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        return self.engine.chat_prompt(messages)
-
     async def generate(self, job: GenerationJob):
+        """(choice, delta) lists as `Backend.generate` yields them (called with `stream=True`)."""
         async for outputs in self._generate_batch(job):
             if outputs is not None:
                 yield outputs
@@ -106,6 +97,47 @@ class OpenAIServer:
     async def _generate_batch(self, jobs: list[GenerationJob]):
         async for outputs in batch_outputs(self.engine, jobs, self._executor):
             yield outputs
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class OpenAIServer:
+    """The HTTP ingress: the FastAPI app of `api.build_api` over the tokenizer (to check requests), the
+    model deployment (to sample them) and the feedback store."""
+
+    def __init__(self, config: dict, model, store):
+        from rlhf_ray.serve.policy import model_name, policy_version
+        from rlhf_ray.serve.prompts import PromptCodec
+
+        self.config = ServeConfig.model_validate(config)
+        self.prompts = PromptCodec.load(self.config.policy)
+        self.model_name = self.config.model_name or model_name(self.config.policy)
+        self.policy_version = self.config.policy_version or policy_version(self.config.policy)
+        self.created = int(time.time())
+        self.context_length = self.prompts.context_length
+        self.model, self.store = model.options(stream=True), store
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self, self.config)
+
+    # the Backend protocol of serve/api.py
+
+    def encode(self, text: str) -> list[int]:
+        return self.prompts.encode(text)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.prompts.chat_prompt(messages)
+
+    async def generate(self, job: GenerationJob):
+        outputs = self.model.generate.remote(job)
+        finished = False
+        try:
+            async for deltas in outputs:
+                yield deltas
+            finished = True
+        finally:
+            if not finished:  # the client left (or the stream broke): free the model's rows at once
+                outputs.cancel()
 
     async def record(self, record) -> None:
         await self.store.record.remote(record)
@@ -120,10 +152,11 @@ class OpenAIServer:
 
 def build_app(config: ServeConfig) -> Application:
     """The Serve application for `config`: replicas, autoscaling and batching as configured."""
+    fields = config.model_dump(mode="json")
     store = FeedbackStoreServer.options(
         ray_actor_options={"num_cpus": 0, "resources": dict(config.store_resources)},
     ).bind(config.feedback_db)
-    server = OpenAIServer.options(
+    model = PolicyServer.options(
         autoscaling_config={
             "min_replicas": config.min_replicas,
             "initial_replicas": max(config.min_replicas, 1),
@@ -132,8 +165,12 @@ def build_app(config: ServeConfig) -> Application:
         },
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-    ).bind(config.model_dump(mode="json"), store)
-    return server
+    ).bind(fields)
+    return OpenAIServer.options(
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(fields, model, store)
 
 
 def app_builder(args: ServeConfig) -> Application:

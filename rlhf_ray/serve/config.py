@@ -31,6 +31,7 @@ class ServeConfig(BaseModel):
 
     # request bounds
     max_request_bytes: int = Field(1 << 20, ge=1024)
+    body_timeout_s: float = Field(10.0, gt=0)  # a request body must arrive within this (408 beyond)
     max_tokens_limit: int = Field(256, ge=1)  # largest max_tokens a request may ask for
     default_max_tokens: int = Field(16, ge=1)  # max_tokens when a request gives none (OpenAI's default)
     max_choices: int = Field(8, ge=1)  # n x number of prompts, per request
@@ -42,12 +43,17 @@ class ServeConfig(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16.0, gt=0)  # per replica; the autoscaler adds replicas above it
-    max_ongoing_requests: int = Field(64, ge=1)  # per replica; beyond it the proxy queues or sheds
+    max_ongoing_requests: int = Field(64, ge=1)  # per model replica; beyond it requests wait at the ingress
     num_cpus: float = Field(1.0, ge=0)  # Ray CPUs per model replica
     num_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(16, ge=1)  # requests sampled together (1: no batching)
     batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill once it has a request
     store_resources: dict[str, float] = {}  # custom Ray resources that place the feedback store (its disk)
+
+    # the HTTP ingress (no CPU reserved): it holds each request until its whole body has arrived, so a slow
+    # or stalled upload costs one of these slots (an idle coroutine), never a model replica's
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_max_ongoing_requests: int = Field(4096, ge=1)  # per ingress replica; open requests, bodies included
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
@@ -59,6 +65,11 @@ class ServeConfig(BaseModel):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches never fill")
+        ingress, model = (self.ingress_replicas * self.ingress_max_ongoing_requests,
+                          self.max_replicas * self.max_ongoing_requests)
+        if ingress < model:
+            raise ValueError(f"ingress_replicas x ingress_max_ongoing_requests ({ingress}) must be >= max_replicas x "
+                             f"max_ongoing_requests ({model}), or the model replicas never fill")
         return self
 
     def resolved_api_key(self) -> str | None:

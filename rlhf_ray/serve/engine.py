@@ -25,6 +25,8 @@ import torch
 
 from rlhf_ray.rollout.decoding import left_pad, position_ids_from_mask
 from rlhf_ray.rollout.sampler import episode_uniforms, filter_top_k_top_p, inverse_cdf_sample
+from rlhf_ray.serve.prompts import PromptCodec
+from rlhf_ray.serve.prompts import context_length as config_context_length
 
 PROMPT_TAIL_TOKENS = 6  # prompt tokens decoded before the first response token: keeps its leading space
 
@@ -149,6 +151,7 @@ class GenerationEngine:
         # huggingface/tokenizers#537), so the decoding side has its own copy
         self.stream_tokenizer = copy.deepcopy(tokenizer)
         self.context_length = context_length or model_context_length(model, tokenizer)
+        self.prompts = PromptCodec(tokenizer, self.context_length)
         self.stop_token_ids = stop_token_ids(model, tokenizer)
         self._cache_arg, self._logits_to_keep = _cache_argument(model)
 
@@ -157,15 +160,10 @@ class GenerationEngine:
         return next(self.model.parameters()).device
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt, without added special tokens (as the training environment encodes)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.prompts.encode(text)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of a conversation: the tokenizer's chat template, else `role: content` lines."""
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        lines = [f"{message['role']}: {message['content']}" for message in messages]
-        return "\n".join(lines + ["assistant:"])
+        return self.prompts.chat_prompt(messages)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """The finished text of every request (the stream, collected)."""
@@ -258,15 +256,7 @@ class GenerationEngine:
 
 def model_context_length(model, tokenizer) -> int:
     """The longest sequence the model takes: its position table, else the tokenizer's limit."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 10**7:
-        return limit
-    raise ValueError(f"cannot tell the context length of a {type(model).__name__}; set it explicitly")
+    return config_context_length(model.config, tokenizer)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

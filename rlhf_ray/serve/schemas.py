@@ -8,13 +8,52 @@ https://platform.openai.com/docs/api-reference/chat (request fields, `data: [DON
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def _not_utf8(text: str) -> int | None:
+    """Index of the first character of `text` that UTF-8 cannot encode (a lone surrogate), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def _integer_field(annotation) -> bool:
+    kinds = set(get_args(annotation)) or {annotation}
+    return int in kinds and float not in kinds
+
+
+def _unicode_text(value):
+    """`value` if every string in it (a string, or a list's items) is text the tokenizer and the SQLite
+    store can take: JSON escapes can spell lone surrogates (`"\\ud800"`), which no UTF-8 encoder accepts."""
+    items = [(None, value)] if isinstance(value, str) else enumerate(value) if isinstance(value, list) else ()
+    for index, item in items:
+        at = _not_utf8(item) if isinstance(item, str) else None
+        if at is not None:
+            where = "" if index is None else f"item {index}: "
+            raise PydanticCustomError(
+                "text_not_unicode", "{where}character {at} is a lone surrogate ({code}), which is not text; "
+                "expected text that encodes as UTF-8", {"where": where, "at": at, "code": f"U+{ord(item[at]):04X}"})
+    return value
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_values(cls, value, info: ValidationInfo):
+        """Checked before the type, so each field names itself (nested models check their own fields):
+        text must be Unicode, and 2.0 is the integer 2 (JSON has one number type; JSON Schema agrees)."""
+        integral = isinstance(value, float) and value.is_integer()
+        if integral and _integer_field(cls.model_fields[info.field_name].annotation):
+            return int(value)
+        return _unicode_text(value)
 
 
 class StreamOptions(_Request):
@@ -49,14 +88,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _some_prompt(cls, prompt):
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        return prompt
+    prompt: str | Annotated[list[str], Field(min_length=1)]
 
     @property
     def prompts(self) -> list[str]:
@@ -175,6 +207,10 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
 
 
 class ModelCard(BaseModel):
