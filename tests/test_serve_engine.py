@@ -124,3 +124,15 @@ def test_incremental_detokenizer_waits_for_whole_characters():
     detokenizer = IncrementalDetokenizer(ByteTokenizer(), tuple(b"ab"))
     pieces = [detokenizer.push(b) for b in "é!".encode()]
     assert pieces == ["", "é", "!"]
+
+
+def test_the_serving_engine_loads_neither_gymnasium_nor_the_environments():
+    """A Serve replica imports the engine: the sampling math lives in `rlhf_ray.sampling`, not beside the env."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhf_ray.serve.engine, rlhf_ray.serve.app; "
+            "print(sorted(m for m in ('gymnasium', 'envs', 'envs.vector') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

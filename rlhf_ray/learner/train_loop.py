@@ -38,13 +38,15 @@ from rlhf_ray.checkpoint import (
 from rlhf_ray.config import RunConfig
 from rlhf_ray.errors import RunStopped, one_line
 from rlhf_ray.learner.distributed import get_rank, get_world_size, use_worker_cpus
-from rlhf_ray.learner.engine import EngineConfig, create_engine, create_reference_engine, gather_full_state_dict
+from rlhf_ray.learner.engine import (
+    EngineConfig, create_engine, create_reference_engine, gather_full_state_dict, learner_engine_config,
+)
 from rlhf_ray.learner.ppo import Reducer, make_experience, ppo_update
 from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.models.value import ValueModel
 from rlhf_ray.rollout.elastic import desired_workers
-from rlhf_ray.rollout.sampler import episode_seed
+from rlhf_ray.sampling import episode_seed
 
 
 
@@ -68,11 +70,8 @@ class DistributedReducer(Reducer):
 
 
 def engine_config(config: RunConfig, world_size: int, lr: float) -> EngineConfig:
-    learner = config.learner
-    return EngineConfig(zero_stage=learner.zero_stage, lr=lr, adam_eps=learner.adam_eps,
-                        weight_decay=learner.weight_decay, max_grad_norm=learner.max_grad_norm,
-                        bf16=learner.bf16, micro_batch_size=config.ppo.minibatch_size // world_size,
-                        gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer)
+    """A PPO model's engine settings: each rank's share of a minibatch per forward/backward."""
+    return learner_engine_config(config.learner, lr, config.ppo.minibatch_size // world_size)
 
 
 def iteration_prompts(config: RunConfig, prompt_ids: list[list[int]], iteration: int) -> tuple[list, list[int]]:

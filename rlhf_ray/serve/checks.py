@@ -77,7 +77,7 @@ def generation_rows(backend, config: ServeConfig, body,
                     prompts: list[str]) -> tuple[list[GenerationRequest], list[int]]:
     """The sequences to sample for `prompts` x n choices, after every bound of the config is checked;
     also the prompts' token counts."""
-    from rlhf_ray.rollout.sampler import episode_seed
+    from rlhf_ray.sampling import episode_seed
     from rlhf_ray.serve.engine import GenerationRequest
 
     max_tokens = config.default_max_tokens if body.max_tokens is None else body.max_tokens

@@ -1,8 +1,9 @@
 """Batched generation for the policy server: the requests of one Serve batch are sampled together.
 
-The decoding loop is the rollout sampler's (`rlhf_ray.rollout.sampler`): left-padded prompts, position ids
-from the attention mask, one KV-cache forward per step with only the last position's logits, inverse-CDF
-draws from a per-row stream of uniforms. What a server adds:
+The decoding loop follows the rollout sampler's (`rlhf_ray.rollout.sampler`): left-padded prompts, position
+ids from the attention mask, one KV-cache forward per step with only the last position's logits, inverse-CDF
+draws from a per-row stream of uniforms (the sampling math of `rlhf_ray.sampling`, shared with the sampler,
+which loads no environment). What a server adds:
 
 - every row has its own `max_new_tokens`, temperature (0: greedy) and top-p, and finishes on its own
   (EOS, a stop string, its token budget); the batch ends when every row has;
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from rlhf_ray.rollout.decoding import left_pad, position_ids_from_mask
-from rlhf_ray.rollout.sampler import episode_uniforms, filter_top_k_top_p, inverse_cdf_sample
+from rlhf_ray.sampling import episode_uniforms, filter_top_k_top_p, inverse_cdf_sample
 from rlhf_ray.serve.prompts import PromptCodec
 from rlhf_ray.serve.prompts import context_length as config_context_length
 
