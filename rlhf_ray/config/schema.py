@@ -94,6 +94,9 @@ class RewardComponent(_Section):
         return self
 
 
+DEFAULT_REWARD = "envs.builtin:sentiment_reward"  # the toy sentiment task's reward (envs.builtin.SENTIMENT_REWARD)
+
+
 class RewardConfig(_Section):
     """`function`: one reward; `components`: R = sum of weight * component, each logged as reward/<name>."""
 
@@ -101,14 +104,20 @@ class RewardConfig(_Section):
     components: dict[str, RewardComponent] | None = None
     timeout_s: float = Field(300.0, gt=0.0)  # one batched reward call; longer fails the run naming the reward
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_function(cls, data):
+        """No reward named: the toy task's (a default on the input, not a write after validation)."""
+        if isinstance(data, dict) and data.get("function") is None and data.get("components") is None:
+            return {**data, "function": DEFAULT_REWARD}
+        return data
+
     @model_validator(mode="after")
     def _function_or_components(self) -> "RewardConfig":
         if self.components is not None and not self.components:
             raise ValueError("reward.components is empty; name at least one component")
         if self.function is not None and self.components is not None:
             raise ValueError("set reward.function or reward.components, not both")
-        if self.function is None and self.components is None:
-            self.__dict__["function"] = "envs.builtin:sentiment_reward"
         return self
 
 
@@ -164,13 +173,6 @@ class LearnerConfig(_Section):
     # a PPO minibatch runs as several micro-batches of similar lengths whose gradients add up before its
     # one optimizer step (bounds activation memory, cuts padding). None: each minibatch in one pass
     micro_batch_tokens: int | None = Field(None, ge=1)
-
-    def scaling_config(self):
-        """Ray Train's ScalingConfig for the learner group."""
-        from ray.train import ScalingConfig
-
-        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
 
 
 class TrainConfig(_Section):

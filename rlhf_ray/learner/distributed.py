@@ -76,3 +76,4 @@ def deepspeed_worker_env(use_gpu: bool) -> dict[str, str]:
     (use_gpu=False) would otherwise get the CUDA accelerator and a gloo group that does not match it.
     """
     return {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+

@@ -178,6 +178,17 @@ def make_optimizer(model: torch.nn.Module, cfg: EngineConfig) -> torch.optim.Opt
                              eps=cfg.adam_eps, fused=cfg.fused_optimizer or None)
 
 
+
+def learner_engine_config(learner, lr: float, micro_batch_size: int, weight_decay: float | None = None) -> EngineConfig:
+    """The `EngineConfig` of one learner model from the run's `learner` section (`LearnerConfig`): the one
+    place PPO's actor and critic and the SFT and reward-model stages get their optimizer and ZeRO settings.
+    `lr`, the per-rank `micro_batch_size` and (for a stage) `weight_decay` are the caller's."""
+    return EngineConfig(zero_stage=learner.zero_stage, lr=lr, adam_eps=learner.adam_eps,
+                        weight_decay=learner.weight_decay if weight_decay is None else weight_decay,
+                        max_grad_norm=learner.max_grad_norm, bf16=learner.bf16, micro_batch_size=micro_batch_size,
+                        gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer)
+
+
 def create_engine(model: torch.nn.Module, cfg: EngineConfig, train_batch_size: int | None = None):
     """A DeepSpeed training engine around `model` (HF causal LM or any module) with AdamW.
 

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import ray
 from ray.autoscaler.sdk import request_resources
-from ray.train import RunConfig as TrainRunConfig
-from ray.train import FailureConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.errors import one_line, stop_reason
 from rlhf_ray.learner.distributed import deepspeed_worker_env
+from rlhf_ray.learner.launch import describe_failure, learner_group
 from rlhf_ray.learner.train_loop import ppo_train_loop
 from rlhf_ray.pipeline.preflight import preflight
 from rlhf_ray.rollout.elastic import start_control
@@ -41,20 +39,6 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, log: str | None = None):
         super().__init__(message)
         self.log = log
-
-
-def learner_failure(err: Exception) -> TrainingError:
-    """Ray Train's error, as the one line of its cause: the user's error if one is behind it, else the first
-    failing rank's own exception (not "Training failed due to worker errors:" and a page of tracebacks)."""
-    reason = stop_reason(err)
-    if reason is not None:
-        return TrainingError(one_line(reason))
-    failures = getattr(err, "worker_failures", None) or {}
-    for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "cause", None)
-        return TrainingError(f"the learner failed (rank {rank}, after train.max_failures restarts): "
-                             f"{type(cause or failure).__name__}: {one_line(cause or failure)[:500]}")
-    return TrainingError(f"the learner failed: {one_line(err)[:500]}")
 
 
 def start_ray(config: RunConfig, address: str | None) -> None:
@@ -147,16 +131,9 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
     pool = rollout_pool(config)
     # ask an autoscaling cluster for room for the largest pool (a no-op where nothing autoscales)
     request_resources(bundles=[pool.demand] * workers.max)
-    trainer = TorchTrainer(
-        ppo_train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "pool": pool, "control": control,
-                           "run_dir": str(run_dir)},
-        scaling_config=config.learner.scaling_config(),
-        torch_config=TorchConfig(backend="nccl" if config.learner.use_gpu else "gloo"),
-        run_config=TrainRunConfig(name="learner", storage_path=str(run_dir / "ray_train"),
-                                  # a lost learner worker or node: restart the group from the last checkpoint
-                                  failure_config=FailureConfig(max_failures=config.train.max_failures)),
-    )
+    trainer = learner_group(ppo_train_loop, {"config": config.model_dump(mode="json"), "pool": pool, "control": control,
+                                             "run_dir": str(run_dir)},
+                            config.learner, "learner", run_dir / "ray_train", max_failures=config.train.max_failures)
     done = threading.Event()
     follower = threading.Thread(target=follow_metrics, args=(run_dir / "metrics.jsonl", config.train.iterations, done),
                                 daemon=True)
@@ -166,7 +143,10 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
         trainer.fit()
         stopped = ray.get(control.stopped.remote(), timeout=60)
     except ray.train.TrainingFailedError as err:
-        raise learner_failure(err) from err
+        reason = stop_reason(err)
+        raise TrainingError(one_line(reason) if reason else
+                            f"the learner failed after train.max_failures={config.train.max_failures} restarts: "
+                            f"{describe_failure(err)}") from err
     finally:
         done.set()
         if progress:

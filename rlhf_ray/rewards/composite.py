@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_ray.config.schema import DEFAULT_REWARD
 from rlhf_ray.rewards.base import RewardError, RewardFunction, as_reward_function, import_from_string
 
 
@@ -99,7 +100,7 @@ def build_reward(reward, run_dir: str | None = None, device: str = "cpu") -> Rew
         weights = {name: float(spec.get("weight", 1.0)) for name, spec in reward["components"].items()}
         composite = CompositeReward(components, weights)
         return RewardFunction(composite, composite.name, timeout_s=timeout_s)
-    function = reward.get("function") or "envs.builtin:sentiment_reward"
+    function = reward.get("function") or DEFAULT_REWARD
     if run_dir:
         function = function.replace("{run}", run_dir)
     fn = as_reward_function(function, device=device)

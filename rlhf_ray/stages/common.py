@@ -13,7 +13,8 @@ import torch
 
 from rlhf_ray.config import RunConfig, StageConfig
 from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, get_world_size
-from rlhf_ray.learner.engine import EngineConfig
+from rlhf_ray.learner.engine import EngineConfig, learner_engine_config
+from rlhf_ray.learner.launch import describe_failure, learner_group
 
 SUMMARY = "summary.json"  # written last into a stage's folder before it is renamed into place
 
@@ -60,11 +61,7 @@ def stage_engine_config(stage: StageConfig, config: RunConfig) -> EngineConfig:
     world = get_world_size()
     if stage.batch_size % world:
         raise StageError(f"batch_size ({stage.batch_size}) must be a multiple of learner.num_workers ({world})")
-    learner = config.learner
-    return EngineConfig(zero_stage=learner.zero_stage, lr=stage.lr, adam_eps=1e-8, weight_decay=stage.weight_decay,
-                        max_grad_norm=learner.max_grad_norm, bf16=learner.bf16,
-                        micro_batch_size=stage.batch_size // world,
-                        gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer)
+    return learner_engine_config(config.learner, stage.lr, stage.batch_size // world, weight_decay=stage.weight_decay)
 
 
 class StageWriter:
@@ -101,21 +98,12 @@ class StageWriter:
 
 def run_stage(loop: Callable[[dict], None], config: RunConfig, stage: str, out: Path) -> Path:
     """Run `loop` on `learner.num_workers` Ray Train workers (Ray must be up); returns `out`."""
-    from ray.train import RunConfig as TrainRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    use_gpu = config.learner.use_gpu
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "stage": stage, "out": str(out)},
-        scaling_config=config.learner.scaling_config(),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=TrainRunConfig(name=stage, storage_path=str(Path(out).parent / "ray_train")),
-    )
+    trainer = learner_group(loop, {"config": config.model_dump(mode="json"), "stage": stage, "out": str(out)},
+                            config.learner, stage, Path(out).parent / "ray_train")
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise StageError(f"the {stage} stage failed: {err}") from err
+        raise StageError(f"the {stage} stage failed: {describe_failure(err)}") from err
     if not stage_complete(out):
         raise StageError(f"the {stage} stage ended without writing {out / SUMMARY}")
     return out
