@@ -216,7 +216,8 @@ class TextGenerationVectorEnv(VectorEnv):
         prompts = [self._prompt_text(e) for e in envs]
         responses = self.task.decode_responses([self.response_ids(e) for e in envs])
         rewards = np.zeros(self.num_envs, dtype=np.float64)
-        rewards[envs] = self.reward_fn(prompts, responses)  # one batched call for every finished episode
+        scored = self.reward_fn.score(prompts, responses)  # one batched call for every finished episode
+        rewards[envs] = scored.total
 
         prompt_array = np.full(self.num_envs, None, dtype=object)
         response_array = np.full(self.num_envs, None, dtype=object)
@@ -228,6 +229,12 @@ class TextGenerationVectorEnv(VectorEnv):
             "prompt_index": np.where(finished, self.prompt_indices, 0), "_prompt_index": finished.copy(),
             "response_length": np.where(finished, self.response_lengths, 0), "_response_length": finished.copy(),
         }
+        per_item = scored.per_item()
+        if per_item is not None:  # a composite reward: each episode's components, {name: score}
+            components = np.full(self.num_envs, None, dtype=object)
+            for e, parts in zip(envs, per_item):
+                components[e] = parts
+            infos["reward_components"], infos["_reward_components"] = components, finished.copy()
         return rewards, infos
 
     def _prompt_text(self, env: int) -> str:

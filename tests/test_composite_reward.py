@@ -7,7 +7,7 @@ import pytest
 
 from rlhf_ray.config import ConfigError, RewardConfig, load_config
 from rlhf_ray.rewards import RewardError, RewardModelScorer
-from rlhf_ray.rewards.composite import CompositeReward, build_reward, reward_components
+from rlhf_ray.rewards.composite import CompositeReward, build_reward
 from rlhf_ray.rewards.quality import distinct_ngrams, format_score, length_score, repetition_score
 from rlhf_ray.rollout.sampler import Sampler, SamplingParams
 from tests.test_rewards import save_reward_model
@@ -30,7 +30,7 @@ def test_repetition_and_format_scores_by_hand():
     np.testing.assert_allclose(format_score(["p"] * 2, ["x 42", "x"], pattern=r"\d", match=2.0, miss=-1.0), [2.0, -1.0])
 
 
-def test_composite_is_the_weighted_sum_and_remembers_each_component():
+def test_composite_is_the_weighted_sum_and_returns_each_component():
     reward = build_reward(RewardConfig(components={
         "quality": {"function": "rlhf_ray.rewards.quality:length_score", "kwargs": {"target": 4}, "weight": 0.5},
         "sentiment": {"function": "envs.builtin:sentiment_reward", "weight": 2.0},
@@ -38,20 +38,11 @@ def test_composite_is_the_weighted_sum_and_remembers_each_component():
     prompts, responses = ["a", "b"], ["good day fun", "bad bad bad bad bad bad"]
     # length 3 of target 4 -> 0.75, 6 of 4 -> 0.5; sentiment: 2 positive of 3 words -> 2/3, 6 negative of 6 -> -1
     np.testing.assert_allclose(reward(prompts, responses), [0.5 * 0.75 + 2 * 2 / 3, 0.5 * 0.5 + 2 * -1.0])
-    parts = reward_components(reward, prompts[::-1], responses[::-1])
-    assert parts == [pytest.approx({"quality": 0.5, "sentiment": -1.0}),
-                     pytest.approx({"quality": 0.75, "sentiment": 2 / 3})]
-    assert reward_components(build_reward(RewardConfig()), prompts, responses) is None  # not a composite
-
-
-def test_composite_remembers_only_the_latest_pairs_when_nobody_pops_them():
-    reward = CompositeReward({"length": length_score}, {"length": 1.0}, remember=3)
-    for i in range(5):  # as a plain env would call it, one pair at a time, never popping
-        reward([f"p{i}"], [words(i)])
-    reward(["p2"], [words(2)])  # scored again: now the newest
-    assert list(reward._recent) == [("p3", words(3)), ("p4", words(4)), ("p2", words(2))]
-    with pytest.raises(RewardError, match="has not scored the pair"):
-        reward.pop_components(["p1"], [words(1)])
+    scored = reward.score(prompts, responses)
+    np.testing.assert_allclose(scored.total, [0.5 * 0.75 + 2 * 2 / 3, 0.5 * 0.5 + 2 * -1.0])
+    assert scored.per_item() == [pytest.approx({"quality": 0.75, "sentiment": 2 / 3}),
+                                 pytest.approx({"quality": 0.5, "sentiment": -1.0})]
+    assert build_reward(RewardConfig()).score(prompts, responses).per_item() is None  # not a composite
 
 
 def test_sampler_attaches_components_to_episodes(tiny_model_dir):
@@ -64,7 +55,7 @@ def test_sampler_attaches_components_to_episodes(tiny_model_dir):
     sampler = Sampler(model, tokenizer, reward, SamplingParams(max_new_tokens=6))
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["today the movie was", "my day was"]]
     for episode in sampler.generate(prompts, seeds=[1, 2]):
-        parts = episode.extra["reward_components"]
+        parts = episode.reward_components
         assert episode.reward == pytest.approx(parts["length"] + 0.5 * parts["sentiment"])
         assert parts["length"] == pytest.approx(length_score([""], [episode.response], target=3)[0])
 

@@ -45,9 +45,13 @@ def test_pool_returns_every_episode_once_as_one_sampler_would(local_ray, tiny_mo
     pool = make_pool(tiny_model_dir, workers=3)
     try:
         pool.wait_ready(timeout=None)
-        episodes = pool.generate(prompt_ids, seeds)
+        pending = pool.submit(prompt_ids, seeds)
+        episodes = pending.result()
     finally:
         pool.shutdown()
+    # each chunk's timing comes back once, with its chunk, not copied into every episode
+    assert sorted(c.worker_id for c in pending.chunks) == sorted({e.worker_id for e in episodes})
+    assert sum(len(c.episodes) for c in pending.chunks) == 10 and all(c.generate_s > 0 for c in pending.chunks)
     expected = Sampler(model, tokenizer, sentiment_reward, PARAMS).generate(prompt_ids, seeds)
     assert [e.seed for e in episodes] == seeds
     assert [e.response_ids.tolist() for e in episodes] == [e.response_ids.tolist() for e in expected]

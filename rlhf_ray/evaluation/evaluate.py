@@ -123,7 +123,7 @@ def judge_scores(episodes: Sequence[Episode], judge: RewardFunction | None) -> n
 def summarize(episodes: Sequence[Episode], targets: Sequence[str] | None) -> dict[str, float]:
     """The mean reward (and of each component), length and EOS share of one model's episodes [+ BLEU/ROUGE]."""
     summary = {"reward": float(np.mean([e.reward for e in episodes]))}
-    components = [e.extra["reward_components"] for e in episodes if "reward_components" in e.extra]
+    components = [e.reward_components for e in episodes if e.reward_components is not None]
     for name in (components[0] if components else {}):
         summary[f"reward/{name}"] = float(np.mean([parts[name] for parts in components]))
     summary["length"] = float(np.mean([len(e.response_ids) for e in episodes]))
@@ -164,8 +164,8 @@ def evaluate(policy, reference, tokenizer, prompts: Sequence[str], reward_fn, ju
                policy_reward=mine.reward, reference_reward=theirs.reward,
                policy_judge=float(judged["policy"][i]), reference_judge=float(judged["reference"][i]),
                kl=float(kls[i]), policy_length=len(mine.response_ids), reference_length=len(theirs.response_ids),
-               policy_components=dict(mine.extra.get("reward_components", {})),
-               reference_components=dict(theirs.extra.get("reward_components", {})))
+               policy_components=dict(mine.reward_components or {}),
+               reference_components=dict(theirs.reward_components or {}))
         for i, (mine, theirs) in enumerate(zip(runs["policy"], runs["reference"]))
     ]
     return EvalResult(policy=summarize(runs["policy"], targets), reference=summarize(runs["reference"], targets),

@@ -126,17 +126,16 @@ def report_stop(stop: RunStopped, run_dir: Path, control, iteration: int) -> Non
 
 def reward_component_means(episodes) -> dict:
     """`reward/<name>`: the mean of each component of a composite reward over the batch (unweighted)."""
-    parts = [e.extra["reward_components"] for e in episodes if "reward_components" in e.extra]
+    parts = [e.reward_components for e in episodes if e.reward_components is not None]
     if not parts:
         return {}
     return {f"reward/{name}": sum(p[name] for p in parts) / len(parts) for name in parts[0]}
 
 
-def rollout_timing(episodes) -> dict:
-    """Wall time of the rollout chunks (they run in parallel: the slowest one counts)."""
-    chunks = {(e.worker_id, e.extra.get("chunk")): e.extra for e in episodes}
-    return {"perf/generate_s": max(c.get("generate_s", 0.0) for c in chunks.values()),
-            "perf/scoring_s": max(c.get("reward_s", 0.0) for c in chunks.values())}
+def rollout_timing(chunks) -> dict:
+    """Wall time of the rollout chunks (`RolloutChunk`s; they run in parallel: the slowest one counts)."""
+    return {"perf/generate_s": max((c.generate_s for c in chunks), default=0.0),
+            "perf/scoring_s": max((c.reward_s for c in chunks), default=0.0)}
 
 
 class MetricsWriter:
@@ -232,13 +231,13 @@ def ppo_train_loop(loop_config: dict) -> None:
     next_rollout = None  # rank 0, rollout.overlap: the next iteration's episodes, on their way
     for iteration in range(state.iteration, config.train.iterations):
         started = time.perf_counter()
-        episodes = None
+        episodes, chunks = None, []
         if rank == 0 and stop is None:
             try:
                 if next_rollout is None:  # not sent out while the learner trained on the last iteration
                     scale_pool(pool, control, config)
                     next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration))
-                episodes, next_rollout = next_rollout.result(), None
+                episodes, chunks, next_rollout = next_rollout.result(), next_rollout.chunks, None
                 if config.rollout.overlap and iteration + 1 < config.train.iterations:
                     # iteration k + 1 is generated with the weights of now while the learner trains on k
                     scale_pool(pool, control, config)
@@ -284,7 +283,7 @@ def ppo_train_loop(loop_config: dict) -> None:
             metrics.update({
                 "iteration": state.iteration, "policy_version": state.policy_version, "pool/workers": len(pool),
                 "rollout/staleness": staleness,
-                "perf/rollout_s": rollout_s, **reward_component_means(episodes), **rollout_timing(episodes), "perf/experience_s": experience_s,
+                "perf/rollout_s": rollout_s, **reward_component_means(episodes), **rollout_timing(chunks), "perf/experience_s": experience_s,
                 "perf/update_s": update_s, "perf/sync_s": sync_s,
                 "perf/iteration_s": time.perf_counter() - started,
                 "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),

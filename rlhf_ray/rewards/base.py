@@ -19,12 +19,28 @@ import importlib
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
 from rlhf_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class RewardScores:
+    """What a reward gives for a batch of n pairs: the total (n,) that the policy is trained on and, for a
+    composite reward, each component's unweighted scores (n,) by name (logged as `reward/<name>`)."""
+
+    total: np.ndarray
+    components: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def per_item(self) -> list[dict[str, float]] | None:
+        """Item i's components as {name: score}, for each item; None without components."""
+        if not self.components:
+            return None
+        return [{name: float(scores[i]) for name, scores in self.components.items()} for i in range(len(self.total))]
 
 
 class RewardError(UserError, ValueError):
@@ -66,13 +82,19 @@ class RewardFunction:
         self.timeout_s = timeout_s  # None: no bound (a plain function call)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """The scores (n,) of the pairs."""
+        return self.score(prompts, responses).total
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> RewardScores:
+        """The scores (n,) of the pairs, with the components of a composite reward (whose function returns
+        a `RewardScores`); the total is checked, each component by its own `RewardFunction`."""
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses):
             raise ValueError(f"reward {self.name!r} was given {len(prompts)} prompts but {len(responses)} responses; "
                              "expected one response per prompt")
         n = len(prompts)
         if n == 0:
-            return np.zeros(0, dtype=np.float64)
+            return RewardScores(np.zeros(0, dtype=np.float64))
         try:
             raw = self._bounded_call(prompts, responses)
         except RewardError:
@@ -80,6 +102,9 @@ class RewardFunction:
         except Exception as error:  # the user's code failed: a user error, never retried (rlhf_ray.errors)
             raise RewardError(f"reward {self.name!r} raised {type(error).__name__}: {error} "
                               f"(scoring a batch of {n} (prompt, response) pairs)") from error
+        components = {}
+        if isinstance(raw, RewardScores):
+            raw, components = raw.total, raw.components
         try:
             scores = _as_scores(raw)
         except (TypeError, ValueError) as error:
@@ -96,7 +121,7 @@ class RewardFunction:
                 f"(prompt {prompts[i]!r:.80}, response {responses[i]!r:.80}); "
                 f"{bad.size} of {n} scores are non-finite, expected all finite"
             )
-        return scores
+        return RewardScores(scores, components)
 
     def _bounded_call(self, prompts: list[str], responses: list[str]) -> Any:
         """`fn(prompts, responses)`, given at most `timeout_s` seconds when that is set.

@@ -6,65 +6,41 @@
         satisfaction: {function: my_pkg.scores:satisfaction, weight: 0.3}    # lambda
         human: {model: "{run}/reward_model", weight: 1.0}                    # mu
 
-`build_reward` turns the `reward` section into one `RewardFunction` for the rollout workers. A
-composite remembers the components of the pairs it scored last, so the sampler can attach them to
-each episode (`Episode.extra["reward_components"]`) and the learner logs `reward/<name>` means.
+`build_reward` turns the `reward` section into one `RewardFunction` for the rollout workers. Its `score`
+returns the components with the total (`RewardScores`): the environment hands them to the sampler with
+each finished episode (`Episode.reward_components`), and the learner logs their `reward/<name>` means.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from rlhf_ray.config.schema import DEFAULT_REWARD
-from rlhf_ray.rewards.base import RewardError, RewardFunction, as_reward_function, import_from_string
+from rlhf_ray.rewards.base import RewardError, RewardFunction, RewardScores, as_reward_function, import_from_string
 
 
 class CompositeReward:
-    """`R(prompts, responses) = sum_i weight_i * component_i(prompts, responses)`."""
+    """`R(prompts, responses) = sum_i weight_i * component_i(prompts, responses)`, returned with each
+    component's unweighted scores (a `RewardScores`), so they travel with the episodes they scored."""
 
-    def __init__(self, components: dict[str, RewardFunction], weights: dict[str, float],
-                 remember: int = 1 << 16):
+    def __init__(self, components: dict[str, RewardFunction], weights: dict[str, float]):
         if not components:
             raise RewardError("a composite reward needs at least one component")
         if set(components) != set(weights):
             raise RewardError(f"components {sorted(components)} and weights {sorted(weights)} name different terms")
         self.components, self.weights = components, weights
         self.name = " + ".join(f"{weights[n]:g}*{n}" for n in components)
-        # the components of the last `remember` pairs scored, oldest first: a caller that never pops them
-        # (a plain gymnasium env) keeps no more than these
-        self._recent: dict[tuple[str, str], dict[str, float]] = {}
-        self.remember = remember
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The total and each component's unweighted scores, shape (n,) each."""
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> RewardScores:
         parts = {name: fn(prompts, responses) for name, fn in self.components.items()}
         total = np.zeros(len(prompts), dtype=np.float64)
         for name, scores in parts.items():
             total += self.weights[name] * scores
-        return total, parts
-
-    def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        total, parts = self.score(prompts, responses)
-        for i, key in enumerate(zip(prompts, responses)):
-            self._recent.pop(key, None)  # re-inserted as the newest
-            self._recent[key] = {name: float(scores[i]) for name, scores in parts.items()}
-        for key in list(itertools.islice(self._recent, max(0, len(self._recent) - self.remember))):
-            del self._recent[key]
-        return total
-
-    def pop_components(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, float]]:
-        """The components of pairs scored since the last pop, in the order asked; forgets the rest."""
-        try:
-            return [self._recent[key] for key in zip(prompts, responses)]
-        except KeyError as missing:
-            raise RewardError(f"composite reward {self.name!r} has not scored the pair {missing}") from None
-        finally:
-            self._recent.clear()
+        return RewardScores(total, parts)
 
 
 def _component(spec: dict, run_dir: str | None, device: str) -> RewardFunction:
@@ -105,10 +81,3 @@ def build_reward(reward, run_dir: str | None = None, device: str = "cpu") -> Rew
         function = function.replace("{run}", run_dir)
     fn = as_reward_function(function, device=device)
     return RewardFunction(fn.fn, fn.name, timeout_s=timeout_s)
-
-
-def reward_components(reward_fn: RewardFunction, prompts: Sequence[str],
-                      responses: Sequence[str]) -> list[dict[str, float]] | None:
-    """The components of the pairs `reward_fn` just scored, when it is a composite; else None."""
-    inner = getattr(reward_fn, "fn", None)
-    return inner.pop_components(prompts, responses) if isinstance(inner, CompositeReward) else None

@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from rlhf_ray.errors import RunStopped, WaitTimeout, one_line, stop_reason
 from rlhf_ray.rollout.sampler import Episode, SamplingParams
-from rlhf_ray.rollout.worker import RemoteRolloutWorker, to_shared_arrays
+from rlhf_ray.rollout.worker import RemoteRolloutWorker, RolloutChunk, to_shared_arrays
 
 logger = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -282,6 +282,7 @@ class PendingRollout:
     def __init__(self, pool: RolloutPool, prompt_ids: list, seeds: list[int], order: np.ndarray):
         self.pool, self.prompt_ids, self.seeds, self.order = pool, prompt_ids, seeds, order
         self.pending: dict[ray.ObjectRef, tuple[str, int, int]] = {}  # -> (worker_id, start, end)
+        self.chunks: list[RolloutChunk] = []  # the chunks that came back (their timing), after `result()`
 
     def send(self, worker_id: str, start: int, end: int) -> None:
         pool = self.pool
@@ -310,7 +311,7 @@ class PendingRollout:
             worker_id, start, end = pending.pop(ready[0])
             pool.busy.pop(worker_id, None)
             try:
-                episodes[start:end] = ray.get(ready[0])
+                chunk = ray.get(ready[0])
             except WORKER_LOST:
                 pool._drop_dead(worker_id)
                 pool.requeued_chunks += 1
@@ -320,6 +321,9 @@ class PendingRollout:
                 if reason is None:
                     raise
                 raise reason from err  # the user's own error; Ray's remote traceback stays as its cause, for the log
+            else:
+                episodes[start:end] = chunk.episodes
+                self.chunks.append(chunk)
         results: list[Episode | None] = [None] * len(episodes)
         for position, index in enumerate(self.order):
             results[index] = episodes[position]

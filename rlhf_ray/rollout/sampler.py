@@ -32,7 +32,7 @@ HF `generate`), none of which changes a token or a log-probability:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ from gymnasium.vector import AutoresetMode
 
 from envs.vector import TextGenerationVectorEnv
 from rlhf_ray.rewards import RewardFunction, as_reward_function
-from rlhf_ray.rewards.composite import reward_components
 from rlhf_ray.rollout.decoding import DecodeBatch
 from rlhf_ray.sampling import argmax_rows, episode_seed, episode_uniforms, filter_top_k_top_p, inverse_cdf_sample
 
@@ -80,7 +79,7 @@ class Episode:
     seed: int
     policy_version: int = 0
     worker_id: str = ""
-    extra: dict = field(default_factory=dict)
+    reward_components: dict[str, float] | None = None  # a composite reward's unweighted terms, by name
 
 
 class Sampler:
@@ -104,7 +103,7 @@ class Sampler:
     def _timed_reward(self, prompts: list[str], responses: list[str]):
         start = time.perf_counter()
         try:
-            return self.reward_fn(prompts, responses)
+            return self.reward_fn.score(prompts, responses)  # the components travel with the total
         finally:
             self.last_reward_s += time.perf_counter() - start
 
@@ -178,6 +177,7 @@ class Sampler:
         response_lengths = np.zeros(total, dtype=np.int64)  # (N,)
         rewards, eos = np.zeros(total, dtype=np.float64), np.zeros(total, dtype=bool)
         texts: list[tuple[str, str] | None] = [None] * total
+        components: list[dict[str, float] | None] = [None] * total
 
         slot_episode = np.arange(slots)  # (S,) episode each env slot holds; -1: none
         slot_step = np.zeros(slots, dtype=np.int64)  # (S,) tokens its episode has so far
@@ -208,6 +208,8 @@ class Sampler:
                 episode = slot_episode[slot]
                 rewards[episode], eos[episode] = step_rewards[slot], terminated[slot]
                 texts[episode] = (infos["prompt"][slot], infos["response"][slot])
+                if "reward_components" in infos:
+                    components[episode] = infos["reward_components"][slot]
                 response_lengths[episode] = slot_step[slot]
                 slot_episode[slot] = -1
             if finished.size:
@@ -245,11 +247,8 @@ class Sampler:
                 response_ids=responses[b, :length].copy(),
                 behaviour_logprobs=logprobs[b, :length].copy(),
                 eos=bool(eos[b]), reward=float(rewards[b]), prompt=prompt, response=response,
-                seed=int(seeds[b]),
+                seed=int(seeds[b]), reward_components=components[b],
             ))
-        parts = reward_components(self.reward_fn, [e.prompt for e in episodes], [e.response for e in episodes])
-        for episode, components in zip(episodes, parts or ()):
-            episode.extra["reward_components"] = components
         return episodes
 
     def _static_batch(self, prompt_ids, seeds, first: int, size: int) -> list[Episode]:

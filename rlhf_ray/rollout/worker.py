@@ -11,6 +11,7 @@ import hashlib
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,6 +65,16 @@ def from_shared_arrays(arrays: dict[str, tuple[np.ndarray, str]]) -> dict[str, t
         return {name: torch.from_numpy(array).view(getattr(torch, dtype)) for name, (array, dtype) in arrays.items()}
 
 
+@dataclass
+class RolloutChunk:
+    """A worker's answer to one chunk of prompts: its episodes, in order, and the chunk's timing (once)."""
+
+    episodes: list[Episode]
+    worker_id: str
+    generate_s: float  # sampling and scoring the chunk
+    reward_s: float  # of which in the reward function
+
+
 class RolloutWorker:
     """Generates episodes for chunks of prompts with the policy of a given version."""
 
@@ -85,19 +96,16 @@ class RolloutWorker:
         except Exception as error:
             self.start_error = error
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], version: int) -> list[Episode]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], version: int) -> RolloutChunk:
         if version != self.policy_version:
             raise RuntimeError(f"worker {self.worker_id} holds policy version {self.policy_version}, "
                                f"asked to generate with version {version}")
         start = time.perf_counter()
         episodes = self.sampler.generate(prompt_ids, seeds)
-        timing = {"chunk": int(seeds[0]) if seeds else 0, "generate_s": time.perf_counter() - start,
-                  "reward_s": self.sampler.last_reward_s}
         for episode in episodes:
             episode.policy_version = self.policy_version
             episode.worker_id = self.worker_id
-            episode.extra.update(timing)
-        return episodes
+        return RolloutChunk(episodes, self.worker_id, time.perf_counter() - start, self.sampler.last_reward_s)
 
     def set_weights(self, state_dict: dict, version: int) -> int:
         """Load full policy weights: a state dict, or `to_shared_arrays` of one (what the pool sends)."""
