@@ -8,6 +8,8 @@ import ray
 
 from rlhf_ray.rollout.elastic import NAMESPACE, find_control
 
+CONTROL_TIMEOUT_S = 60.0
+
 
 def scale(run_name: str, rollout_workers: int, address: str | None = "auto") -> dict:
     """Set the run's rollout-worker target; returns the run's control status.
@@ -20,4 +22,8 @@ def scale(run_name: str, rollout_workers: int, address: str | None = "auto") -> 
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
     control = find_control(run_name)
-    return ray.get(control.set_rollout_workers.remote(rollout_workers))
+    try:  # the control actor lives on the run's driver node and answers at once
+        return ray.get(control.set_rollout_workers.remote(rollout_workers), timeout=CONTROL_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise ConnectionError(f"run {run_name!r} did not answer the scale request within {CONTROL_TIMEOUT_S:g} s "
+                              "(its driver may be busy or gone)") from None

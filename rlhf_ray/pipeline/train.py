@@ -19,7 +19,7 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from rlhf_ray.config import RunConfig, dump_config
-from rlhf_ray.errors import one_line, stop_reason
+from rlhf_ray.errors import stop_reason
 from rlhf_ray.learner.distributed import deepspeed_worker_env
 from rlhf_ray.learner.launch import describe_failure, learner_group
 from rlhf_ray.learner.train_loop import ppo_train_loop
@@ -143,10 +143,9 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
         trainer.fit()
         stopped = ray.get(control.stopped.remote(), timeout=60)
     except ray.train.TrainingFailedError as err:
-        reason = stop_reason(err)
-        raise TrainingError(one_line(reason) if reason else
-                            f"the learner failed after train.max_failures={config.train.max_failures} restarts: "
-                            f"{describe_failure(err)}") from err
+        retried = "" if stop_reason(err) else (f"the learner failed after train.max_failures="
+                                               f"{config.train.max_failures} restarts: ")
+        raise TrainingError(retried + describe_failure(err)) from err
     finally:
         done.set()
         if progress:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,30 @@ def _as_scores(raw: Any) -> np.ndarray:
     return np.asarray(raw, dtype=np.float64)
 
 
+class _DaemonCaller:
+    """One daemon thread that runs calls handed to it, one at a time; the caller waits a bounded time."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, outcome, finished = self._calls.get()
+            try:
+                outcome["value"] = fn(*args)
+            except BaseException as error:  # handed to the caller's thread
+                outcome["error"] = error
+            finally:
+                finished.set()
+
+    def call(self, fn, args: tuple, timeout_s: float) -> dict | None:
+        """{"value": ...} or {"error": ...} of `fn(*args)`; None when it did not finish within `timeout_s`."""
+        outcome, finished = {}, threading.Event()
+        self._calls.put((fn, args, outcome, finished))
+        return outcome if finished.wait(timeout_s) else None
+
+
 class RewardFunction:
     """A named reward function whose output is checked: shape (n,), finite, float64.
 
@@ -80,6 +105,7 @@ class RewardFunction:
         self.fn = fn
         self.name = name or _callable_name(fn)
         self.timeout_s = timeout_s  # None: no bound (a plain function call)
+        self._caller: _DaemonCaller | None = None
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """The scores (n,) of the pairs."""
@@ -126,29 +152,26 @@ class RewardFunction:
     def _bounded_call(self, prompts: list[str], responses: list[str]) -> Any:
         """`fn(prompts, responses)`, given at most `timeout_s` seconds when that is set.
 
-        The call runs in a daemon thread, which a hung function (a remote reward service that never
-        answers) keeps; the run fails naming the reward instead of stalling, and the process exits.
+        The call runs on the reward's own daemon thread (one per `RewardFunction`, started once: a
+        thread per call would cost ~0.1 ms on every decoding step that finishes an episode). A call
+        that hangs (a remote reward service that never answers) keeps its thread, which is abandoned:
+        the run fails naming the reward instead of stalling, and the process can still exit.
         """
         if self.timeout_s is None:
             return self.fn(prompts, responses)
-        outcome: dict[str, Any] = {}
-        finished = threading.Event()
-
-        def call() -> None:
-            try:
-                outcome["value"] = self.fn(prompts, responses)
-            except BaseException as error:  # handed to the caller's thread
-                outcome["error"] = error
-            finally:
-                finished.set()
-
-        threading.Thread(target=call, name=f"reward-{self.name}", daemon=True).start()
-        if not finished.wait(self.timeout_s):
+        if self._caller is None:
+            self._caller = _DaemonCaller(f"reward-{self.name}")
+        outcome = self._caller.call(self.fn, (prompts, responses), self.timeout_s)
+        if outcome is None:
+            self._caller = None  # stuck in the user's function: the next call gets a fresh thread
             raise RewardError(f"reward {self.name!r} did not return within reward.timeout_s={self.timeout_s:g} s "
                               f"for a batch of {len(prompts)} (prompt, response) pairs")
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
+
+    def __getstate__(self) -> dict:  # a thread does not pickle; a copy starts its own on first use
+        return {**self.__dict__, "_caller": None}
 
     def __repr__(self) -> str:
         return f"RewardFunction({self.name!r})"

@@ -154,7 +154,7 @@ class RolloutPool:
             worker_id = refs[ref]
             handle, _ = self.starting.pop(worker_id)
             try:
-                ray.get(ref)
+                ray.get(ref)  # ready (ray.wait above): returns at once, or raises the worker's error
             except Exception as err:
                 ray.kill(handle, no_restart=True)  # one whose constructor failed is alive, holding its CPUs
                 self._start_failed(worker_id, err)
@@ -255,7 +255,7 @@ class RolloutPool:
                               "did not answer")
         for ref in done:
             try:
-                ray.get(ref)
+                ray.get(ref)  # ready: returns at once, or raises if the worker died
             except WORKER_LOST:
                 self._drop_dead(calls[ref])
         return time.perf_counter() - start
@@ -272,8 +272,18 @@ class RolloutPool:
         return "worker " + ", ".join(parts) if len(parts) == 1 else "workers " + ", ".join(parts)
 
     def weights_digests(self) -> dict[str, str]:
-        self.wait_ready(timeout=None)
-        return dict(zip(self.workers, ray.get([w.weights_digest.remote() for w in self.workers.values()])))
+        """Each ready worker's weights hash (starting workers are waited for, within start_timeout_s)."""
+        self.wait_ready(timeout=self.limits.start_timeout_s)
+        if self.starting:
+            raise WaitTimeout(f"{', '.join(self.starting)} did not become ready within "
+                              f"rollout.start_timeout_s={self.limits.start_timeout_s:g} s")
+        refs = {w.weights_digest.remote(): worker_id for worker_id, w in self.workers.items()}
+        done, late = ray.wait(list(refs), num_returns=len(refs), timeout=self.limits.sync_timeout_s)
+        if late:
+            raise WaitTimeout(f"weights digests did not come back within rollout.sync_timeout_s="
+                              f"{self.limits.sync_timeout_s:g} s: {self.describe([refs[r] for r in late])} "
+                              "did not answer")
+        return {refs[ref]: ray.get(ref) for ref in done}  # ready: returns at once
 
 
 class PendingRollout:
@@ -311,7 +321,7 @@ class PendingRollout:
             worker_id, start, end = pending.pop(ready[0])
             pool.busy.pop(worker_id, None)
             try:
-                chunk = ray.get(ready[0])
+                chunk = ray.get(ready[0])  # ready: returns at once
             except WORKER_LOST:
                 pool._drop_dead(worker_id)
                 pool.requeued_chunks += 1
