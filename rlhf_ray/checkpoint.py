@@ -4,11 +4,12 @@
         actor/, critic/        DeepSpeed engine states (model, optimizer; sharded under ZeRO), every rank
         rng_rank{R}.pt         each learner rank's minibatch-shuffling generator
         policy/                the policy as a Hugging Face folder with its tokenizer
-        run_state.json         iteration, policy version, data position, KL controller — written last
+        run_state.json         iteration, policy version, KL controller — written last
 
 `run_state.json` is written after every rank has finished its part (a barrier), so a checkpoint
 without it is incomplete (the run died while writing) and is never loaded. Rollout randomness needs
-no state: each episode's seed derives from (run seed, iteration, index).
+no state: each episode's seed derives from (run seed, iteration, index), and the iteration's prompts
+from the iteration alone (`learner.train_loop.iteration_prompts`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ _NAME = re.compile(r"iter_(\d{6})$")
 class RunState:
     iteration: int = 0  # iterations completed
     policy_version: int = 0
-    data_position: int = 0  # prompts consumed
     kl_controller: dict = field(default_factory=dict)
 
 
@@ -69,7 +69,9 @@ def load_checkpoint(path: Path, actor, critic, generator: torch.Generator, rank:
     rng = torch.load(path / f"rng_rank{rank}.pt")
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
-    return RunState(**json.loads((path / RUN_STATE).read_text()))
+    saved = json.loads((path / RUN_STATE).read_text())
+    saved.pop("data_position", None)  # written by older versions, never read: the iteration fixes the prompts
+    return RunState(**saved)
 
 
 def prune_incomplete(run_dir: Path, keep_after: int) -> None:

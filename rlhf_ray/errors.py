@@ -27,6 +27,14 @@ class UserError(RunStopped):
     """The user's code, data or configuration is wrong: the same call fails the same way every time."""
 
 
+class RewardError(UserError, ValueError):
+    """A reward function that cannot be built, or that returned something other than one finite score per item.
+
+    Here rather than in `rewards/base.py`, so the reward adapters (`rewards/reward_model.py`) raise it
+    without importing the module that dispatches to them.
+    """
+
+
 class WaitTimeout(RunStopped, TimeoutError):
     """A bounded wait ran out; the message names what was waited for and who did not answer."""
 

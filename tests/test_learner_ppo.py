@@ -57,7 +57,7 @@ def one_update(actor, critic, reference, episodes, pad_id, reducer, max_tokens=N
 def sharded_update(config: dict) -> dict:
     """Ray Train worker: this rank's half of the episodes, one PPO update, gathered weights to files."""
     from rlhf_ray.learner import create_engine, create_reference_engine, gather_full_state_dict
-    from rlhf_ray.learner.train_loop import DistributedReducer
+    from rlhf_ray.learner.distributed import DistributedReducer
 
     reducer = DistributedReducer()
     cfg = EngineConfig(zero_stage=config["zero_stage"], **ENGINE)

@@ -32,13 +32,17 @@ def _fill_masked(x: torch.Tensor, m: torch.Tensor, fill: float = 0.0) -> torch.T
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at the label tokens: (B, T, V), (B, T) → (B, T), float32.
 
-    Computed as gathered logit − logsumexp, without materialising the (B, T, V) log-softmax.
+    The one place the learner turns logits into log-probs (`models.forward.response_logprobs`, the PPO
+    update). It is `log_softmax`, as in the sampler that records the behaviour log-probs (and faster
+    than logsumexp on CPU). Logits already divided by the temperature pass `temperature=1`, which skips
+    the division and its (B, T, V) copy.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (the sampling temperature), got {temperature}")
-    scaled = logits.float() / temperature  # (B, T, V)
-    chosen = scaled.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return chosen - torch.logsumexp(scaled, dim=-1)
+    scaled = logits.float()  # (B, T, V)
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    return torch.log_softmax(scaled, dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

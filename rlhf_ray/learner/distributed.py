@@ -7,6 +7,8 @@ that group. Nothing here imports DeepSpeed, so the functions work (and are testa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -34,12 +36,81 @@ def require_process_group() -> str:
     return dist.get_backend()
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` (any picklable object) on every rank; what the other ranks pass is ignored."""
+    box = [obj if get_rank() == 0 else None]
+    if get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    """`op` of `tensor` over all ranks, as a new tensor (the input is left alone)."""
+    total = tensor.detach().clone()
+    if get_world_size() > 1:
+        dist.all_reduce(total, op=op)
+    return total
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over all ranks (a new tensor; the input is left alone)."""
-    total = tensor.detach().clone()
-    if is_distributed():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The maximum of `tensor` over all ranks (a new tensor; the input is left alone)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+class Reducer:
+    """Sums, maxima and means over the data-parallel ranks; this base class is the single-process identity.
+
+    Code that must run both in one process (the reference computations in the tests) and sharded over
+    Ray Train ranks takes a `Reducer`; `DistributedReducer` is the real one.
+    """
+
+    world_size = 1
+    rank = 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def mean(self, total: torch.Tensor | float, count: torch.Tensor | float) -> float:
+        """The mean over all ranks of sums `total` over `count` items each (float64; no items: 0)."""
+        sums = self.sum(torch.tensor([float(total), float(count)], dtype=torch.float64))
+        return float(sums[0] / sums[1].clamp(min=1))
+
+
+class DistributedReducer(Reducer):
+    """Reduces over the default process group (Ray Train's), whatever its size when called."""
+
+    @property
+    def world_size(self) -> int:
+        return get_world_size()
+
+    @property
+    def rank(self) -> int:
+        return get_rank()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor)
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_max(tensor)
+
+
+def global_mean(total: torch.Tensor | float, count: torch.Tensor | float) -> float:
+    """The mean over all ranks of sums `total` over `count` items each."""
+    return DistributedReducer().mean(total, count)
 
 
 def global_token_mean_loss(per_token: torch.Tensor, mask: torch.Tensor, total_tokens: torch.Tensor | float | None = None,

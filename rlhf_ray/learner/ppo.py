@@ -1,8 +1,8 @@
 """The PPO update of one learner rank: experience from a shard of episodes, then K epochs.
 
 Plain torch: the "engines" are anything with `__call__` (forward), `backward(loss)` and `step()`,
-which DeepSpeed engines are and `TorchEngine` is for a single process; `Reducer` sums tensors over
-the data-parallel ranks (the identity on one process). The same code therefore runs the
+which DeepSpeed engines are and `TorchEngine` is for a single process; a `Reducer` (`learner/distributed.py`)
+sums tensors over the data-parallel ranks (the identity on one process). The same code therefore runs the
 single-process reference computation in the tests and the sharded update in Ray Train workers.
 
 Per iteration (Ziegler et al. 2019; Huang et al., "The N Implementation Details of RLHF with PPO"):
@@ -24,25 +24,13 @@ import torch
 
 from rlhf_ray.algorithms import (
     broadcast_to_tokens, explained_variance, gae, grpo_advantages, kl_estimate, kl_loss,
-    kl_penalized_rewards, masked_entropy, masked_whiten, policy_loss, rloo_advantages,
+    kl_penalized_rewards, logprobs_from_logits, masked_entropy, masked_whiten, policy_loss, rloo_advantages,
     value_loss,
 )
 from rlhf_ray.config import PPOConfig
+from rlhf_ray.learner.distributed import Reducer
 from rlhf_ray.models.forward import PackedBatch, pack_episodes, response_logits, response_logprobs
 from rlhf_ray.models.value import response_values
-
-
-class Reducer:
-    """Sums (and maxima) over data-parallel ranks; this base class is the single-process identity."""
-
-    world_size = 1
-    rank = 0
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
 
 
 class TorchEngine:
@@ -147,11 +135,6 @@ def sequence_scores(rewards: np.ndarray, eos: np.ndarray, cfg: PPOConfig) -> tor
     return scores
 
 
-def _global_mean(value_sum: torch.Tensor, count: torch.Tensor, reducer: Reducer) -> float:
-    total = reducer.sum(torch.stack([value_sum.detach().float(), count.float()]))
-    return (total[0] / total[1].clamp(min=1)).item()
-
-
 @torch.no_grad()
 def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef: float,
                     temperature: float, pad_id: int, reducer: Reducer = Reducer(),
@@ -202,13 +185,13 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask, shift_mean=True, reduce=reducer.sum)
 
-    count = torch.tensor(float(len(episodes)), device=device)
+    count = len(episodes)
     stats = {
-        "rollout/reward_mean": _global_mean(scores.sum(), count, reducer),
-        "rollout/response_len": _global_mean(mask.sum(), count, reducer),
-        "rollout/eos_frac": _global_mean(torch.tensor(float(sum(e.eos for e in episodes))), count, reducer),
-        "objective/kl": _global_mean(kl.sum(), count, reducer),  # per sequence, nats
-        "objective/rlhf_reward": _global_mean(scores.sum() - kl_coef * kl.sum(), count, reducer),
+        "rollout/reward_mean": reducer.mean(scores.sum(), count),
+        "rollout/response_len": reducer.mean(mask.sum(), count),
+        "rollout/eos_frac": reducer.mean(sum(e.eos for e in episodes), count),
+        "objective/kl": reducer.mean(kl.sum(), count),  # per sequence, nats
+        "objective/rlhf_reward": reducer.mean(scores.sum() - kl_coef * kl.sum(), count),
         "objective/kl_coef": kl_coef,
     }
     if proximal_logprobs is not None:
@@ -254,7 +237,7 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
 
                 # Policy loss
                 logits = response_logits(actor, mb.batch, temperature)  # (b, r, V)
-                logprobs = torch.log_softmax(logits, -1).gather(-1, mb.batch.response_ids.unsqueeze(-1)).squeeze(-1)
+                logprobs = logprobs_from_logits(logits, mb.batch.response_ids)  # logits are already / temperature
                 pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, cfg.clip_eps,
                                                 cfg.dual_clip, mb.behaviour_logprobs, cfg.behaviour_weight_cap)
                 entropy = masked_entropy(logits, mask)
@@ -282,7 +265,7 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
                 critic.step()
 
             for name, value in sums.items():  # token-weighted means over the global minibatch
-                totals[name] = totals.get(name, 0.0) + _global_mean(value, local_tokens, reducer)
+                totals[name] = totals.get(name, 0.0) + reducer.mean(value, local_tokens)
             steps += 1
     stats = {name: total / steps for name, total in totals.items()}
     if experience.values is not None:

@@ -20,14 +20,17 @@ fixed. Everything else that raises is a fault, which Ray Train retries (`train.m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
@@ -37,36 +40,65 @@ from rlhf_ray.checkpoint import (
 )
 from rlhf_ray.config import RunConfig
 from rlhf_ray.errors import RunStopped, one_line
-from rlhf_ray.learner.distributed import get_rank, get_world_size, use_worker_cpus
+from rlhf_ray.learner.distributed import (
+    DistributedReducer, barrier, broadcast_object, get_rank, get_world_size, use_worker_cpus,
+)
 from rlhf_ray.learner.engine import (
     EngineConfig, create_engine, create_reference_engine, gather_full_state_dict, learner_engine_config,
 )
-from rlhf_ray.learner.ppo import Reducer, make_experience, ppo_update
+from rlhf_ray.learner.ppo import make_experience, ppo_update
 from rlhf_ray.models import load_tokenizer, resolve_model_path
+from rlhf_ray.models.folders import save_hf_folder
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.models.value import ValueModel
 from rlhf_ray.rollout.elastic import desired_workers
 from rlhf_ray.sampling import episode_seed
 
+CONTROL_TIMEOUT_S = 60.0  # the run's control actor lives on the driver's node and answers at once
 
 
-class DistributedReducer(Reducer):
-    """Sums over the Ray Train process group."""
+def ppo_train_loop(loop_config: dict) -> None:
+    """One learner rank's run: load the models and resume, then per iteration rollout, update, weight sync,
+    metrics and checkpoint; at the end the final policy, or why the run stopped (module docstring)."""
+    config = RunConfig.model_validate(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    learner = load_learner(config)
+    driver = None
+    if learner.rank == 0:
+        driver = RolloutDriver(config, loop_config["pool"], loop_config["control"], run_dir, learner)
+    state, weights = resume(run_dir, learner, driver)
+    for iteration in range(state.iteration, config.train.iterations):
+        started, times = time.perf_counter(), {}
+        with timed(times, "perf/rollout_s"):
+            episodes = driver.collect(iteration) if driver else None
+        episodes = broadcast_object(episodes)  # rank 0's episodes, or the StopMarker that ends the run
+        if isinstance(episodes, StopMarker):
+            break
+        metrics, staleness, learner_tokens = train_on(learner, episodes, state.policy_version, times)
+        state, weights = publish_policy(learner, driver, state, times)
+        if driver:
+            driver.write_metrics(metrics, state, episodes, staleness, learner_tokens, times, started)
+        if state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations:
+            save_checkpoint(run_dir, learner, driver, state, weights)
+    if driver:
+        driver.finish(state, weights)
 
-    def __init__(self):
-        self.world_size, self.rank = get_world_size(), get_rank()
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, dist.ReduceOp.SUM)
+@dataclass
+class Learner:
+    """This rank's engines and what its updates need (the same on every rank but for `rank`)."""
 
-    def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, dist.ReduceOp.MAX)
-
-    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
-        total = tensor.detach().clone()
-        if self.world_size > 1:
-            dist.all_reduce(total, op=op)
-        return total
+    config: RunConfig
+    rank: int
+    world: int
+    reducer: DistributedReducer
+    policy_path: Path
+    tokenizer: Any
+    actor: Any  # DeepSpeed engines
+    critic: Any | None  # None without GAE
+    reference: Any
+    kl_controller: AdaptiveKLController | FixedKLController
+    generator: torch.Generator  # minibatch shuffling, this rank's own
 
 
 def engine_config(config: RunConfig, world_size: int, lr: float) -> EngineConfig:
@@ -74,10 +106,221 @@ def engine_config(config: RunConfig, world_size: int, lr: float) -> EngineConfig
     return learner_engine_config(config.learner, lr, config.ppo.minibatch_size // world_size)
 
 
+def load_learner(config: RunConfig) -> Learner:
+    """The actor and (for GAE) critic engines from the policy, the frozen reference, the KL controller and
+    the shuffling generator. Torch is seeded first: a run is reproducible from its seed."""
+    rank, world = get_rank(), get_world_size()
+    torch.manual_seed(config.seed)
+    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
+    dtype = DTYPES[config.model.dtype]
+    policy_path = resolve_model_path(config.expand(config.model.policy))
+    reference_path = resolve_model_path(config.expand(config.model.reference or config.model.policy))
+    tokenizer = load_tokenizer(policy_path)
+    actor = create_engine(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype),
+                          engine_config(config, world, config.learner.lr), train_batch_size=config.ppo.minibatch_size)
+    critic = None
+    if config.ppo.advantage_estimator == "gae":
+        critic = create_engine(ValueModel.from_pretrained(policy_path, dtype=dtype),
+                               engine_config(config, world, config.learner.critic_lr or config.learner.lr),
+                               train_batch_size=config.ppo.minibatch_size)
+    reference = create_reference_engine(AutoModelForCausalLM.from_pretrained(reference_path, dtype=dtype),
+                                        engine_config(config, world, config.learner.lr))
+    kl = config.ppo.kl
+    kl_controller = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
+                     else FixedKLController(kl.coef))
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    return Learner(config, rank, world, DistributedReducer(), policy_path, tokenizer, actor, critic, reference,
+                   kl_controller, generator)
+
+
+def resume(run_dir: Path, learner: Learner, driver: RolloutDriver | None) -> tuple[RunState, dict]:
+    """The run state to continue from, and the policy's full weights (a collective under ZeRO-3).
+
+    The same command again (or a restart by Ray Train after a lost worker) continues from the last
+    complete checkpoint; the iterations after it are run again, exactly as they first were.
+    """
+    state = RunState(kl_controller=learner.kl_controller.state_dict())
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, learner.actor, learner.critic, learner.generator, learner.rank)
+        learner.kl_controller.load_state_dict(state.kl_controller)
+    weights = gather_full_state_dict(learner.actor, dtype=torch.float32)
+    if driver:
+        driver.start(state, latest, weights)
+    return state, weights
+
+
+def train_on(learner: Learner, episodes: list, policy_version: int, times: dict) -> tuple[dict, int, int]:
+    """Experience from this rank's shard of the episodes, the PPO update, the KL controller's step.
+
+    Returns the metrics, the staleness of the episodes (policy versions behind the learner's: overlap,
+    or a chunk re-sent after new weights) and the number of tokens trained on over all ranks and epochs.
+    """
+    config = learner.config
+    per_rank = len(episodes) // learner.world
+    shard = episodes[learner.rank * per_rank:(learner.rank + 1) * per_rank]
+    staleness = policy_version - min(e.policy_version for e in episodes)
+    temperature, max_tokens = config.rollout.sampling.temperature, config.learner.micro_batch_tokens
+    kl_coef = learner.kl_controller.value
+    with timed(times, "perf/experience_s"):
+        experience, metrics = make_experience(shard, learner.actor, learner.critic, learner.reference, config.ppo,
+                                              kl_coef, temperature, learner.tokenizer.pad_token_id, learner.reducer,
+                                              max_tokens, proximal=staleness > 0)
+    with timed(times, "perf/update_s"):
+        metrics.update(ppo_update(learner.actor, learner.critic, experience, config.ppo, kl_coef, temperature,
+                                  learner.generator, learner.reducer, max_tokens))
+    learner.kl_controller.update(metrics["objective/kl"], n_steps=len(episodes))
+    tokens = int(learner.reducer.sum(experience.batch.attention_mask.sum())) * config.ppo.epochs
+    return metrics, staleness, tokens
+
+
+def publish_policy(learner: Learner, driver: RolloutDriver | None, state: RunState,
+                   times: dict) -> tuple[RunState, dict]:
+    """The next policy version: all ranks gather the full weights (a collective under ZeRO-3), and rank 0
+    sends them to the rollout workers. Returns the new run state and the weights."""
+    with timed(times, "perf/sync_s"):
+        weights = gather_full_state_dict(learner.actor, dtype=torch.float32)
+        state = RunState(iteration=state.iteration + 1, policy_version=state.policy_version + 1,
+                         kl_controller=learner.kl_controller.state_dict())
+        if driver:
+            driver.send_weights(weights, state.policy_version)
+    return state, weights
+
+
+def save_checkpoint(run_dir: Path, learner: Learner, driver: RolloutDriver | None, state: RunState,
+                    weights: dict) -> None:
+    """Every rank writes its engines' part; then rank 0 the policy folder and, last, the run state that
+    marks the checkpoint complete (`rlhf_ray.checkpoint`)."""
+    path = checkpoint_dir(run_dir, state.iteration)
+    save_engines(path, learner.actor, learner.critic, learner.generator, learner.rank)
+    barrier()
+    if driver:
+        driver.export_policy(weights, path / "policy")
+        write_run_state(path, state)
+
+
+class StopMarker:
+    """Sent to every rank in place of the episodes: the run ends here, and nothing is retried."""
+
+
+class RolloutDriver:
+    """Rank 0's side of the run: it feeds the rollout pool, writes the run's files, and keeps why the run stops.
+
+    A `RunStopped` from the pool or the driver's actors (the user's reward or dataset, workers that
+    cannot start, a wait that ran out) is kept in `stop`, not raised: the other ranks learn of it at the
+    next broadcast, every rank leaves the loop normally, and `finish` reports it.
+    """
+
+    def __init__(self, config: RunConfig, pool, control, run_dir: Path, learner: Learner):
+        from rlhf_ray.rollout.run_sampler import prompt_texts
+
+        self.config, self.pool, self.control, self.run_dir = config, pool, control, run_dir
+        self.tokenizer = learner.tokenizer
+        self.stop: RunStopped | None = None
+        self.writer: MetricsWriter | None = None
+        self.next_rollout = None  # rollout.overlap: the next iteration's episodes, on their way
+        self.chunks: list = []  # the last rollout's `RolloutChunk`s, for its timing
+        self.prompt_ids: list[list[int]] | None = None
+        with self.stopping():  # a dataset that breaks here (the driver's preflight read it whole)
+            self.prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                               for t in prompt_texts(config, self.tokenizer)]
+        self.export_model = AutoModelForCausalLM.from_pretrained(learner.policy_path, dtype=torch.float32)
+
+    @contextlib.contextmanager
+    def stopping(self) -> Iterator[None]:
+        """A `RunStopped` raised inside becomes the reason the run stops, instead of propagating."""
+        try:
+            yield
+        except RunStopped as err:
+            self.stop = err
+
+    def start(self, state: RunState, latest: Path | None, weights: dict) -> None:
+        """The run's files as of `state` (later checkpoints and metrics go: those iterations run again), the
+        `learner_start` event, and after a resume the checkpoint's policy on the rollout workers."""
+        prune_incomplete(self.run_dir, keep_after=state.iteration)
+        truncate_metrics(self.run_dir / "metrics.jsonl", state.iteration)
+        self.writer = MetricsWriter(self.run_dir)
+        log_event(self.run_dir, "learner_start", iteration=state.iteration,
+                  resumed_from=str(latest) if latest else None)
+        if latest is not None:
+            print(f"resuming from {latest} (iteration {state.iteration}, policy version {state.policy_version})")
+            self.send_weights(weights, state.policy_version)
+
+    def collect(self, iteration: int):
+        """The iteration's episodes, or a `StopMarker` once the run stops.
+
+        Under `rollout.overlap` they were sent out while the learner trained on the last iteration, and
+        the next iteration's are sent out now, generated with the current weights while the learner trains.
+        """
+        self.chunks = []
+        if self.stop is None:
+            with self.stopping():
+                if self.next_rollout is None:
+                    self.next_rollout = self.submit(iteration)
+                rollout, self.next_rollout = self.next_rollout, None
+                episodes, self.chunks = rollout.result(), rollout.chunks
+                if self.config.rollout.overlap and iteration + 1 < self.config.train.iterations:
+                    self.next_rollout = self.submit(iteration + 1)
+                self.control.report_workers.remote(len(self.pool))
+                return episodes
+        return StopMarker()
+
+    def submit(self, iteration: int):
+        """Send the iteration's prompts out, once the pool is resized to what the run wants now."""
+        scale_pool(self.pool, self.control, self.config)
+        return self.pool.submit(*iteration_prompts(self.config, self.prompt_ids, iteration))
+
+    def send_weights(self, weights: dict, version: int) -> None:
+        """The policy to every live rollout worker (unless the run is stopping); a failure stops the run at
+        the next broadcast, and the checkpoint of this iteration is still written."""
+        if self.stop is None:
+            with self.stopping():
+                self.pool.set_weights(weights, version)
+
+    def write_metrics(self, metrics: dict, state: RunState, episodes: list, staleness: int, learner_tokens: int,
+                      times: dict, started: float) -> None:
+        """The iteration's line of metrics.jsonl (and TensorBoard): the update's statistics, then the run's."""
+        rollout_s, update_s = times["perf/rollout_s"], times["perf/update_s"]
+        response_tokens = int(sum(len(e.response_ids) for e in episodes))
+        metrics.update({
+            "iteration": state.iteration, "policy_version": state.policy_version, "pool/workers": len(self.pool),
+            "rollout/staleness": staleness,
+            "perf/rollout_s": rollout_s, **reward_component_means(episodes), **rollout_timing(self.chunks),
+            "perf/experience_s": times["perf/experience_s"], "perf/update_s": update_s,
+            "perf/sync_s": times["perf/sync_s"], "perf/iteration_s": time.perf_counter() - started,
+            "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
+            "perf/learner_tokens_per_s": learner_tokens / max(update_s, 1e-9),
+        })
+        self.writer.write(metrics)
+
+    def export_policy(self, weights: dict, path: Path) -> None:
+        """The policy as a plain Hugging Face folder with its tokenizer, written whole or not at all."""
+        self.export_model.load_state_dict(weights)
+        save_hf_folder(path, self.export_model, self.tokenizer)
+
+    def finish(self, state: RunState, weights: dict) -> None:
+        """The final `policy/` folder, or (the run stopped) why, to `error.log`, `events.jsonl` and the driver."""
+        if self.stop is not None:
+            report_stop(self.stop, self.run_dir, self.control, state.iteration)
+        else:
+            self.export_policy(weights, self.run_dir / "policy")
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], name: str) -> Iterator[None]:
+    """`times[name]`: the seconds the block took."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = time.perf_counter() - started
+
+
 def iteration_prompts(config: RunConfig, prompt_ids: list[list[int]], iteration: int) -> tuple[list, list[int]]:
     """The iteration's prompts (each `group_size` times in a row) and one seed per episode.
 
-    Prompts are taken in order and cycled: iteration k starts at position k * batch_size.
+    Prompts are taken in order and cycled: iteration k starts at position k * batch_size, so a resumed
+    run needs only the iteration to pick up the same prompts.
     """
     size, group = config.rollout.batch_size, config.ppo.group_size
     start = iteration * size
@@ -92,21 +335,6 @@ def scale_pool(pool, control, config: RunConfig) -> None:
     target = ray.get(control.rollout_target.remote(), timeout=CONTROL_TIMEOUT_S)
     workers = config.rollout.workers
     pool.resize(desired_workers(pool.size, workers.min, workers.max, target, ray.available_resources(), pool.demand))
-
-
-def broadcast_episodes(episodes, rank: int):
-    """Rank 0's episodes (or the `StopMarker` that ends the run) on every rank."""
-    box = [episodes if rank == 0 else None]
-    if get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-class StopMarker:
-    """Sent to every rank in place of the episodes: the run ends here, and nothing is retried."""
-
-
-CONTROL_TIMEOUT_S = 60.0  # the run's control actor lives on the driver's node and answers at once
 
 
 def log_event(run_dir: Path, event: str, **fields) -> None:
@@ -154,152 +382,3 @@ class MetricsWriter:
             if isinstance(value, (int, float)) and name != "iteration":
                 self.tensorboard.add_scalar(name, value, metrics["iteration"])
         self.tensorboard.flush()
-
-
-def save_policy(export_model, state_dict, tokenizer, path: Path) -> None:
-    """A plain Hugging Face folder, written next to `path` and renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    export_model.load_state_dict(state_dict)
-    export_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        import shutil
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-def ppo_train_loop(loop_config: dict) -> None:
-    config = RunConfig.model_validate(loop_config["config"])
-    pool, control = loop_config["pool"], loop_config["control"]
-    run_dir = Path(loop_config["run_dir"])
-    rank, world = get_rank(), get_world_size()
-    reducer = DistributedReducer()
-    torch.manual_seed(config.seed)
-    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
-    dtype = DTYPES[config.model.dtype]
-
-    policy_path = resolve_model_path(config.expand(config.model.policy))
-    reference_path = resolve_model_path(config.expand(config.model.reference or config.model.policy))
-    tokenizer = load_tokenizer(policy_path)
-    actor = create_engine(AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype),
-                          engine_config(config, world, config.learner.lr), train_batch_size=config.ppo.minibatch_size)
-    critic = None
-    if config.ppo.advantage_estimator == "gae":
-        critic = create_engine(ValueModel.from_pretrained(policy_path, dtype=dtype),
-                               engine_config(config, world, config.learner.critic_lr or config.learner.lr),
-                               train_batch_size=config.ppo.minibatch_size)
-    reference = create_reference_engine(AutoModelForCausalLM.from_pretrained(reference_path, dtype=dtype),
-                                        engine_config(config, world, config.learner.lr))
-    kl = config.ppo.kl
-    kl_controller = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
-                     else FixedKLController(kl.coef))
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    temperature = config.rollout.sampling.temperature
-
-    writer = export_model = prompt_ids = None
-    stop: RunStopped | None = None  # rank 0: why the run ends; sent to all ranks at the next broadcast
-    if rank == 0:
-        from rlhf_ray.rollout.run_sampler import prompt_texts
-
-        try:
-            prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(config, tokenizer)]
-        except RunStopped as err:  # a dataset that breaks here (the driver's preflight read it whole)
-            stop = err
-        export_model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-
-    # Resume: the same command again (or a restart by Ray Train after a lost worker) continues from
-    # the last complete checkpoint; the iterations after it are run again, exactly as they first were.
-    state = RunState(kl_controller=kl_controller.state_dict())
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        state = load_checkpoint(latest, actor, critic, generator, rank)
-        kl_controller.load_state_dict(state.kl_controller)
-    state_dict = gather_full_state_dict(actor, dtype=torch.float32)
-    if rank == 0:
-        prune_incomplete(run_dir, keep_after=state.iteration)
-        truncate_metrics(run_dir / "metrics.jsonl", state.iteration)
-        writer = MetricsWriter(run_dir)
-        log_event(run_dir, "learner_start", iteration=state.iteration, resumed_from=str(latest) if latest else None)
-        if latest is not None:
-            print(f"resuming from {latest} (iteration {state.iteration}, policy version {state.policy_version})")
-            if stop is None:
-                try:
-                    pool.set_weights(state_dict, state.policy_version)
-                except RunStopped as err:
-                    stop = err
-
-    next_rollout = None  # rank 0, rollout.overlap: the next iteration's episodes, on their way
-    for iteration in range(state.iteration, config.train.iterations):
-        started = time.perf_counter()
-        episodes, chunks = None, []
-        if rank == 0 and stop is None:
-            try:
-                if next_rollout is None:  # not sent out while the learner trained on the last iteration
-                    scale_pool(pool, control, config)
-                    next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration))
-                episodes, chunks, next_rollout = next_rollout.result(), next_rollout.chunks, None
-                if config.rollout.overlap and iteration + 1 < config.train.iterations:
-                    # iteration k + 1 is generated with the weights of now while the learner trains on k
-                    scale_pool(pool, control, config)
-                    next_rollout = pool.submit(*iteration_prompts(config, prompt_ids, iteration + 1))
-                control.report_workers.remote(len(pool))
-            except RunStopped as err:
-                stop = err
-        rollout_s = time.perf_counter() - started
-        episodes = broadcast_episodes(StopMarker() if stop is not None else episodes, rank)
-        if isinstance(episodes, StopMarker):
-            break
-        per_rank = len(episodes) // world
-        shard = episodes[rank * per_rank:(rank + 1) * per_rank]
-        # episodes of an older policy than the learner's (overlap, or a chunk re-sent after new weights)
-        staleness = state.policy_version - min(e.policy_version for e in episodes)
-
-        t = time.perf_counter()
-        experience, metrics = make_experience(shard, actor, critic, reference, config.ppo, kl_controller.value,
-                                              temperature, tokenizer.pad_token_id, reducer,
-                                              config.learner.micro_batch_tokens, proximal=staleness > 0)
-        experience_s = time.perf_counter() - t
-        t = time.perf_counter()
-        metrics.update(ppo_update(actor, critic, experience, config.ppo, kl_controller.value, temperature,
-                                  generator, reducer, config.learner.micro_batch_tokens))
-        update_s = time.perf_counter() - t
-        kl_controller.update(metrics["objective/kl"], n_steps=len(episodes))
-
-        t = time.perf_counter()
-        state_dict = gather_full_state_dict(actor, dtype=torch.float32)
-        state = RunState(iteration=iteration + 1, policy_version=state.policy_version + 1,
-                         data_position=(iteration + 1) * config.rollout.batch_size,
-                         kl_controller=kl_controller.state_dict())
-        if rank == 0:
-            try:
-                pool.set_weights(state_dict, state.policy_version)
-            except RunStopped as err:  # the other ranks learn of it at the next broadcast; the checkpoint stays
-                stop = err
-        sync_s = time.perf_counter() - t  # gather (a collective under ZeRO-3) + broadcast to workers
-        learner_tokens = int(reducer.sum(experience.batch.attention_mask.sum())) * config.ppo.epochs
-
-        if rank == 0:
-            response_tokens = int(sum(len(e.response_ids) for e in episodes))
-            metrics.update({
-                "iteration": state.iteration, "policy_version": state.policy_version, "pool/workers": len(pool),
-                "rollout/staleness": staleness,
-                "perf/rollout_s": rollout_s, **reward_component_means(episodes), **rollout_timing(chunks), "perf/experience_s": experience_s,
-                "perf/update_s": update_s, "perf/sync_s": sync_s,
-                "perf/iteration_s": time.perf_counter() - started,
-                "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
-                "perf/learner_tokens_per_s": learner_tokens / max(update_s, 1e-9),
-            })
-            writer.write(metrics)
-
-        if state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations:
-            path = checkpoint_dir(run_dir, state.iteration)
-            save_engines(path, actor, critic, generator, rank)
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                save_policy(export_model, state_dict, tokenizer, path / "policy")
-                write_run_state(path, state)
-    if rank == 0 and stop is not None:
-        report_stop(stop, run_dir, control, state.iteration)
-    elif rank == 0:
-        save_policy(export_model, state_dict, tokenizer, run_dir / "policy")

@@ -4,8 +4,8 @@ Names are imported on first use, so `import envs` (which needs only tokenizers) 
 """
 
 _EXPORTS = {
-    "BUILTIN_MODELS": "loading", "ModelNotFoundError": "loading", "load_policy": "loading",
-    "load_tokenizer": "loading", "resolve_model_path": "loading",
+    "BUILTIN_MODELS": "tiny", "ModelNotFoundError": "folders", "load_policy": "loading",
+    "load_tokenizer": "loading", "resolve_model_path": "loading", "save_hf_folder": "folders",
     "build_tiny_model": "tiny", "build_tiny_tokenizer": "tiny", "save_tiny_model": "tiny",
 }
 __all__ = sorted(_EXPORTS)

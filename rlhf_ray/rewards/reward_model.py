@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_ray.rewards.base import RewardError
+from rlhf_ray.errors import RewardError
 
 STATS_FILE = "reward_stats.json"  # {"mean": ..., "std": ...} of the scores on the RM's training responses
 

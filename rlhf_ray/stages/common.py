@@ -9,12 +9,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray
-import torch
 
 from rlhf_ray.config import RunConfig, StageConfig
-from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, get_world_size
+from rlhf_ray.learner.distributed import get_rank, get_world_size
 from rlhf_ray.learner.engine import EngineConfig, learner_engine_config
 from rlhf_ray.learner.launch import describe_failure, learner_group
+from rlhf_ray.models.folders import save_hf_folder
 
 SUMMARY = "summary.json"  # written last into a stage's folder before it is renamed into place
 
@@ -51,12 +51,6 @@ def rank_slice(items: Sequence) -> list:
     return list(items[get_rank()::get_world_size()])
 
 
-def global_mean(total: float, count: float) -> float:
-    """The mean over all ranks of sums `total` over `count` items each."""
-    sums = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
-    return float(sums[0] / sums[1].clamp(min=1))
-
-
 def stage_engine_config(stage: StageConfig, config: RunConfig) -> EngineConfig:
     world = get_world_size()
     if stage.batch_size % world:
@@ -88,12 +82,8 @@ class StageWriter:
         if get_rank() != 0:
             return
         export_model.load_state_dict(state_dict)
-        export_model.save_pretrained(self.tmp)
-        tokenizer.save_pretrained(self.tmp)
-        (self.tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.tmp.rename(self.out)
+        save_hf_folder(self.out, export_model, tokenizer, {SUMMARY: json.dumps(summary, indent=2) + "\n"},
+                       staging=self.tmp)
 
 
 def run_stage(loop: Callable[[dict], None], config: RunConfig, stage: str, out: Path) -> Path:

@@ -20,14 +20,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, use_worker_cpus
+from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, global_mean, use_worker_cpus
 from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
 from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards.reward_model import STATS_FILE, join_prompt_response
-from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, global_mean, rank_slice, split_records, stage_engine_config,
-)
+from rlhf_ray.stages.common import StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config
 
 
 def load_reward_model(path, dtype: torch.dtype, pad_token_id: int):

@@ -15,14 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.learner.distributed import get_rank, global_token_mean_loss, use_worker_cpus
+from rlhf_ray.learner.distributed import get_rank, global_mean, global_token_mean_loss, use_worker_cpus
 from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
 from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
-from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, global_mean, rank_slice, split_records, stage_engine_config,
-)
+from rlhf_ray.stages.common import StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config
 
 
 def tokenize_demonstrations(records, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
