@@ -1,8 +1,9 @@
 """Text generation as a Gymnasium environment: one action is one token.
 
-An episode starts from a prompt and appends one token per step until the policy emits EOS
-(terminated) or the token budget runs out (truncated): `max_new_tokens` new tokens, or `max_length`
-tokens in all. The reward is 0 per token and, at the end, the reward function's score of the
+An episode starts from a prompt and appends one token per step until the policy emits an
+end-of-response token (terminated: the tokenizer's EOS or the model's end of turn, see
+`rlhf_ray.sampling.end_of_response_ids`) or the token budget runs out (truncated): `max_new_tokens`
+new tokens, or `max_length` tokens in all. The reward is 0 per token and, at the end, the reward function's score of the
 finished (prompt, response), as in the RLHF setup of Ziegler et al. 2019 and Ouyang et al. 2022
 (the per-token KL penalty is the learner's business, not the environment's).
 
@@ -24,9 +25,10 @@ from gymnasium import spaces
 
 from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
 from rlhf_ray.data.records import DataError  # a prompt too long for the context: a user error, never retried
-from rlhf_ray.models.loading import load_tokenizer
+from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
 from rlhf_ray.models.tiny import build_tiny_tokenizer
 from rlhf_ray.rewards import RewardFunction, RewardSpec, as_reward_function
+from rlhf_ray.sampling import end_of_response_ids
 
 NO_PROMPT = -1  # prompt_index of a prompt given explicitly (text or ids) that is not in the env's list
 
@@ -40,6 +42,19 @@ def resolve_tokenizer(tokenizer: Any = None):
     if not callable(getattr(tokenizer, "decode", None)):
         raise TypeError(f"tokenizer must be a Hugging Face tokenizer, a model name or a folder; got {tokenizer!r}")
     return tokenizer
+
+
+def default_stop_token_ids(tokenizer_spec: Any, tokenizer) -> frozenset[int]:
+    """Where an episode ends when the caller does not say: the tokenizer's EOS, and the end-of-turn tokens
+    of the model's generation config when the tokenizer was named by a model folder or name."""
+    generation_config = None
+    if isinstance(tokenizer_spec, (str, os.PathLike)):
+        folder = resolve_model_path(tokenizer_spec)
+        if (folder / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            generation_config = GenerationConfig.from_pretrained(folder)
+    return end_of_response_ids(tokenizer, generation_config)
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -66,12 +81,15 @@ class TextGenerationTask:
     max_length: int  # context limit: prompt + response tokens
     vocab_size: int  # actions are token ids in [0, vocab_size)
     pad_token_id: int  # right-pads observations
-    eos_token_id: int | None  # None: episodes end only by truncation
+    stop_token_ids: frozenset[int]  # tokens that end an episode (terminated); empty: only truncation ends one
 
     @classmethod
     def build(cls, tokenizer: Any = None, prompts: list[str] | None = None, reward_fn: RewardSpec | None = None,
-              max_new_tokens: int = 16, max_length: int | None = None) -> TextGenerationTask:
-        tokenizer = resolve_tokenizer(tokenizer)
+              max_new_tokens: int = 16, max_length: int | None = None,
+              stop_token_ids: Any = None) -> TextGenerationTask:
+        spec, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
+        stop_token_ids = (default_stop_token_ids(spec, tokenizer) if stop_token_ids is None
+                          else frozenset(int(t) for t in stop_token_ids))
         prompts = list(BUILTIN_PROMPTS if prompts is None else prompts)
         if not prompts:
             raise ValueError("prompts is empty; expected at least one prompt")
@@ -103,10 +121,17 @@ class TextGenerationTask:
         return cls(tokenizer=tokenizer, prompts=tuple(prompts), prompt_flat_ids=flat, prompt_offsets=offsets,
                    prompt_lengths=lengths, reward_fn=reward_fn, max_new_tokens=max_new_tokens,
                    max_length=max_length, vocab_size=vocab_size, pad_token_id=int(pad_token_id),
-                   eos_token_id=None if eos_token_id is None else int(eos_token_id))
+                   stop_token_ids=stop_token_ids)
 
     def __post_init__(self):
         object.__setattr__(self, "_prompt_lookup", {p: i for i, p in reversed(list(enumerate(self.prompts)))})
+        object.__setattr__(self, "_stop_ids", np.array(sorted(self.stop_token_ids), dtype=np.int64))
+
+    def ends_response(self, tokens: np.ndarray) -> np.ndarray:
+        """Which of `tokens` end an episode (terminated), elementwise."""
+        if self._stop_ids.size == 1:  # the common case: one comparison, no set lookup
+            return tokens == self._stop_ids[0]
+        return np.isin(tokens, self._stop_ids)
 
     def observation_space(self) -> spaces.Dict:
         """Token ids so far, right-padded to `max_length`, with the total and prompt lengths."""
@@ -173,6 +198,8 @@ class TextGenerationEnv(gym.Env):
         max_new_tokens: response token budget.
         max_length: context limit (prompt + response); default
             `min(tokenizer.model_max_length, longest prompt + max_new_tokens)`.
+        stop_token_ids: token ids that end an episode (terminated); default the tokenizer's EOS and, when
+            `tokenizer` names a model, the end-of-turn ids of its generation config.
 
     `reset(options=...)` may choose the prompt: `{"prompt_index": int}`, `{"prompt": str}` or
     `{"prompt_ids": list[int]}`; otherwise a prompt is drawn with `self.np_random`.
@@ -182,12 +209,13 @@ class TextGenerationEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, tokenizer: Any = None, prompts: list[str] | None = None, reward_fn: RewardSpec | None = None,
-                 max_new_tokens: int = 16, max_length: int | None = None, render_mode: str | None = None):
+                 max_new_tokens: int = 16, max_length: int | None = None, render_mode: str | None = None,
+                 stop_token_ids: Any = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode {render_mode!r} is not supported; expected None or one of "
                              f"{self.metadata['render_modes']}")
         self.render_mode = render_mode
-        self.task = TextGenerationTask.build(tokenizer, prompts, reward_fn, max_new_tokens, max_length)
+        self.task = TextGenerationTask.build(tokenizer, prompts, reward_fn, max_new_tokens, max_length, stop_token_ids)
         self.tokenizer, self.prompts, self.reward_fn = self.task.tokenizer, self.task.prompts, self.task.reward_fn
         self.max_new_tokens, self.max_length = self.task.max_new_tokens, self.task.max_length
         self.observation_space = self.task.observation_space()
@@ -243,7 +271,7 @@ class TextGenerationEnv(gym.Env):
         self.tokens[self.length] = token
         self.length += 1
         response_length = self.length - self.prompt_length
-        terminated = token == self.task.eos_token_id
+        terminated = token in self.task.stop_token_ids
         # an EOS that also uses up the budget counts as terminated: the policy chose to stop
         truncated = not terminated and (response_length >= self.max_new_tokens or self.length >= self.max_length)
         reward, info = 0.0, {}

@@ -35,7 +35,7 @@ class TextGenerationVectorEnv(VectorEnv):
 
     Args:
         num_envs: N, the number of episodes stepped together.
-        tokenizer, prompts, reward_fn, max_new_tokens, max_length: as `TextGenerationEnv`.
+        tokenizer, prompts, reward_fn, max_new_tokens, max_length, stop_token_ids: as `TextGenerationEnv`.
         autoreset_mode: `AutoresetMode.NEXT_STEP` (default) or `AutoresetMode.DISABLED`.
         copy: return copies of the observation arrays; False returns the internal buffers
             themselves (they change in the next step), which saves a copy per step.
@@ -47,7 +47,8 @@ class TextGenerationVectorEnv(VectorEnv):
 
     def __init__(self, num_envs: int = 1, tokenizer: Any = None, prompts: list[str] | None = None,
                  reward_fn: RewardSpec | None = None, max_new_tokens: int = 16, max_length: int | None = None,
-                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, copy: bool = True):
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, copy: bool = True,
+                 stop_token_ids: Any = None):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         mode = autoreset_mode if isinstance(autoreset_mode, AutoresetMode) else AutoresetMode(autoreset_mode)
@@ -58,7 +59,7 @@ class TextGenerationVectorEnv(VectorEnv):
         self.autoreset_mode = mode
         self.copy = copy
         self.metadata = {"autoreset_mode": mode}  # where Gymnasium 1.x looks for it
-        self.task = TextGenerationTask.build(tokenizer, prompts, reward_fn, max_new_tokens, max_length)
+        self.task = TextGenerationTask.build(tokenizer, prompts, reward_fn, max_new_tokens, max_length, stop_token_ids)
         self.tokenizer, self.prompts, self.reward_fn = self.task.tokenizer, self.task.prompts, self.task.reward_fn
         self.max_new_tokens, self.max_length = self.task.max_new_tokens, self.task.max_length
 
@@ -197,8 +198,7 @@ class TextGenerationVectorEnv(VectorEnv):
         self.lengths[stepping] += 1
 
         terminated = np.zeros(n, dtype=bool)
-        if self.task.eos_token_id is not None:
-            terminated[stepping] = tokens == self.task.eos_token_id
+        terminated[stepping] = self.task.ends_response(tokens)
         # an EOS that also uses up the budget counts as terminated: the policy chose to stop
         out_of_budget = (self.response_lengths >= self.max_new_tokens) | (self.lengths >= self.max_length)
         truncated = active & ~terminated & out_of_budget

@@ -54,9 +54,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhf_ray.decoding import keep_freed_memory, left_pad
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
-from rlhf_ray.rollout.decoding import keep_freed_memory, left_pad
 from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed
 
 

@@ -1,15 +1,21 @@
 """Throughput and latency of the policy server on a real Ray Serve, batched against unbatched.
 
-    python experiments/bench_serve.py [--policy rlhf-ray/tiny-gpt2] [--concurrency 1 8 32]
-                                      [--max-tokens 16] [--repeats 3] [--json results.json]
+    python experiments/bench_serve.py [--policy rlhf-ray/tiny-gpt2] [--concurrency 1 8 32 64]
+                                      [--max-tokens 4 64] [--repeats 3] [--json results.json]
 
 Two applications run side by side on one Serve instance at 127.0.0.1, each with one model replica:
 `/batched` (`max_batch_size` 32) and `/unbatched` (`max_batch_size` 1). Each concurrency level C runs
 `--requests` completions (at least 4 x C) from C concurrent HTTP clients over keep-alive connections,
 alternating between the two apps and repeated `--repeats` times, so both see the same drift of a shared
-machine; the table gives the median over the repeats. Every request has its own seed and both apps get
-the same seeds, hence the same tokens. Reported per (mode, C): requests/s, generated tokens/s, and the
-p50/p99 of the request latency seen by the client. The client runs on the same machine as the server.
+machine; the table gives the median over the repeats. Request i has seed i and `max_tokens` drawn
+uniformly from `--max-tokens LOW HIGH` with a fixed seed (one value: all alike), the same on both apps
+and in every repeat, so long and short requests share batches as they do in real traffic. Reported per
+(mode, C): requests/s, generated tokens/s, and the p50/p99 of the request latency seen by the client.
+The client runs on the same machine as the server.
+
+To compare two versions of the server, run this script against each with the same settings, back to
+back: `PYTHONPATH=<worktree of the other commit> python experiments/bench_serve.py --label old ...`
+(an older `ServeConfig` that still has `batch_wait_timeout_s` gets `--batch-wait-ms`).
 
 A second table times the engine alone (`GenerationEngine`, no HTTP, no Serve) on batches of 1, 8 and 32
 requests: what batching buys at the model, against what the HTTP path costs per request.
@@ -22,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import sys
@@ -49,7 +56,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-async def run_level(base_url: str, model: str, concurrency: int, requests: int, max_tokens: int,
+def max_tokens_of(requests: int, bounds: list[int], seed: int = 0) -> list[int]:
+    """Each request's `max_tokens`: uniform on [low, high] from a fixed seed, or the one value given."""
+    low, high = bounds[0], bounds[-1]
+    draw = random.Random(seed)
+    return [draw.randint(low, high) for _ in range(requests)]
+
+
+async def run_level(base_url: str, model: str, concurrency: int, requests: int, max_tokens: list[int],
                     seed_offset: int = 0) -> dict:
     """`requests` completions from `concurrency` clients, each sending its next request when the last returns."""
     latencies, tokens, failures = [], [], 0
@@ -60,7 +74,7 @@ async def run_level(base_url: str, model: str, concurrency: int, requests: int, 
         while next_index < requests:
             i = next_index
             next_index += 1
-            body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+            body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens[i],
                     "seed": seed_offset + i}
             start = time.perf_counter()
             response = await client.post("/v1/completions", json=body)
@@ -88,8 +102,8 @@ def median_over_repeats(runs: list[dict]) -> dict:
             "requests_per_s_runs": [round(r["requests_per_s"], 2) for r in runs]}
 
 
-def bench_engine(policy: str, max_tokens: int, batch_sizes: list[int], threads: int) -> list[dict]:
-    """The engine alone: best of 5 timings of one batch of `b` requests, for each b."""
+def bench_engine(policy: str, max_tokens: list[int], batch_sizes: list[int], threads: int) -> list[dict]:
+    """The engine alone: best of 5 timings of one batch of `b` requests, for each b (decoded at once)."""
     import torch
 
     from rlhf_ray.models import load_policy
@@ -97,11 +111,11 @@ def bench_engine(policy: str, max_tokens: int, batch_sizes: list[int], threads: 
 
     torch.set_num_threads(threads)
     model, tokenizer = load_policy(policy)
-    engine = GenerationEngine(model, tokenizer)
+    engine = GenerationEngine(model, tokenizer, max_rows=max(batch_sizes))
     prompts = [tuple(engine.encode(p)) for p in PROMPTS]
     rows = []
     for b in batch_sizes:
-        batch = [GenerationRequest(prompts[i % len(prompts)], max_tokens, seed=i) for i in range(b)]
+        batch = [GenerationRequest(prompts[i % len(prompts)], max_tokens[i], seed=i) for i in range(b)]
         engine.generate(batch)  # warm-up
         times = []
         for _ in range(5):
@@ -114,7 +128,8 @@ def bench_engine(policy: str, max_tokens: int, batch_sizes: list[int], threads: 
     return rows
 
 
-def print_tables(results: list[dict], engine_rows: list[dict]) -> None:
+def print_tables(results: list[dict], engine_rows: list[dict], label: str) -> None:
+    print(f"server: {label}")
     header = f"{'mode':<10} {'conc':>4} {'reqs':>5} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'fail':>4}"
     print(header)
     print("-" * len(header))
@@ -137,12 +152,15 @@ def print_tables(results: list[dict], engine_rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="rlhf-ray/tiny-gpt2")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--requests", type=int, default=64, help="requests per level (at least 4 x concurrency)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[4, 64],
+                        help="LOW HIGH: each request's max_tokens uniform on [LOW, HIGH] (fixed seed); or one value")
     parser.add_argument("--batch-size", type=int, default=32, help="max_batch_size of the batched mode")
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="batch_wait_timeout_s of a server that has one (before continuous batching)")
+    parser.add_argument("--label", default="this tree", help="names the server version in the table and JSON")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     parser.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs (and torch threads) per replica")
     parser.add_argument("--no-engine", action="store_true", help="skip the engine-alone table")
@@ -158,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     model = model_name(args.policy)
+    max_tokens = max_tokens_of(max(args.requests, 4 * max(args.concurrency)), args.max_tokens)
     runs: dict[tuple[str, int], list[dict]] = {}
     ray.init(address="local", num_cpus=max(2, int(len(args.modes) * args.num_cpus) + 1), include_dashboard=False,
              log_to_driver=False)
@@ -165,21 +184,23 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         with tempfile.TemporaryDirectory() as tmp:
             for mode in args.modes:
+                waits = ({"batch_wait_timeout_s": args.batch_wait_ms / 1000}
+                         if "batch_wait_timeout_s" in ServeConfig.model_fields else {})
                 config = ServeConfig(
                     policy=args.policy, feedback_db=str(Path(tmp) / f"{mode}.db"), num_cpus=args.num_cpus,
-                    max_batch_size=MODES[mode] or args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                    max_ongoing_requests=max(64, *args.concurrency), max_tokens_limit=max(256, args.max_tokens),
+                    max_batch_size=MODES[mode] or args.batch_size, **waits,
+                    max_ongoing_requests=max(64, *args.concurrency), max_tokens_limit=max(256, *args.max_tokens),
                     target_ongoing_requests=1000,
                 )
                 serve.run(build_app(config), name=f"bench-{mode}", route_prefix=f"/{mode}")
-                asyncio.run(run_level(f"http://127.0.0.1:{port}/{mode}", model, 4, 16, args.max_tokens,
+                asyncio.run(run_level(f"http://127.0.0.1:{port}/{mode}", model, 4, 16, max_tokens,
                                       seed_offset=10**6))  # warm-up
             for repeat in range(args.repeats):
                 for concurrency in args.concurrency:
                     for mode in args.modes:
                         requests = max(args.requests, 4 * concurrency)
                         level = asyncio.run(run_level(f"http://127.0.0.1:{port}/{mode}", model, concurrency,
-                                                      requests, args.max_tokens))
+                                                      requests, max_tokens))
                         runs.setdefault((mode, concurrency), []).append({"mode": mode, **level})
                         print(f"[{repeat + 1}/{args.repeats}] {mode} c={concurrency}: {level['requests_per_s']:.1f} "
                               f"req/s, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms", file=sys.stderr)
@@ -188,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     results = [median_over_repeats(runs[(mode, c)]) for mode in args.modes for c in args.concurrency]
-    engine_rows = [] if args.no_engine else bench_engine(args.policy, args.max_tokens, [1, 8, 32],
+    engine_rows = [] if args.no_engine else bench_engine(args.policy, max_tokens, [1, 8, 32],
                                                          max(1, int(args.num_cpus)))
-    print_tables(results, engine_rows)
+    print_tables(results, engine_rows, args.label)
     if args.json:
-        report = {"benchmark": "serve", "policy": args.policy, "max_tokens": args.max_tokens,
+        report = {"benchmark": "serve", "label": args.label, "policy": args.policy, "max_tokens": args.max_tokens,
                   "batch_size": args.batch_size, "batch_wait_ms": args.batch_wait_ms, "replica_cpus": args.num_cpus,
                   "repeats": args.repeats,
                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

@@ -1,8 +1,11 @@
-"""The model side of batched decoding: padding, a preallocated KV cache that rows can join and leave,
-ready-made attention masks, and malloc settings for the per-step (B, V) tensors.
+"""The one decoder: the model side of batched decoding, shared by the rollout sampler and the policy server.
 
-`DecodeBatch` is what the rollout sampler (`rlhf_ray.rollout.sampler`) steps; `left_pad` and
-`position_ids_from_mask` are shared with the policy server's engine (`rlhf_ray.serve.engine`).
+`DecodeBatch` holds B sequences decoded together: a preallocated KV cache that sequences join and leave
+while the others go on (continuous batching), ready-made attention masks and each row's next position.
+The rollout sampler (`rlhf_ray.rollout.sampler`) steps it for the environment's episodes, the server's
+engine (`rlhf_ray.serve.engine`) for requests that arrive while others are being answered. What a
+sequence's next token is (`rlhf_ray.sampling`) and where it ends are the caller's: this module only
+turns tokens into next-token logits. Torch and numpy only: no Ray, no gymnasium.
 """
 
 from __future__ import annotations
@@ -77,13 +80,13 @@ def _preallocated_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
-        """A `DynamicLayer` whose keys and values are views of buffers sized for the whole episode: a
-        step writes its new positions in place instead of copying the whole cache with `torch.cat`
-        (a copy per layer per step that grows with the sequence)."""
+        """A `DynamicLayer` whose keys and values are views of buffers with room for more positions: a step
+        writes its new positions in place instead of copying the whole cache with `torch.cat` (a copy per
+        layer per step that grows with the sequence)."""
 
         def __init__(self, capacity: int):
             super().__init__()
-            self.capacity = capacity  # positions the buffers hold: prompt width + max_new_tokens
+            self.capacity = capacity  # positions the buffers hold
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if not self.is_initialized:
@@ -113,17 +116,30 @@ def _preallocated_layer_class():
             self._key_buffer[rows, :, start:end] = keys
             self._value_buffer[rows, :, start:end] = values
 
-        def drop_front(self, columns: int) -> None:
-            """Forget the first `columns` positions of every row (no row attends to them any more)."""
-            keep = self.length - columns
-            self._key_buffer[:, :, :keep] = self._key_buffer[:, :, columns:self.length].clone()
-            self._value_buffer[:, :, :keep] = self._value_buffer[:, :, columns:self.length].clone()
-            self.length = keep
+        def resize(self, capacity: int, first: int) -> None:
+            """Buffers of `capacity` positions whose column 0 is the old column `first`: a positive `first`
+            forgets the columns before it, a negative one adds -first zero columns on the left. (Zeros, not
+            uninitialised memory: a masked position still multiplies its value by a weight of 0.)"""
+            keep = self.length - max(first, 0)
+            for name in ("_key_buffer", "_value_buffer"):
+                old = getattr(self, name)
+                new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
+                if first < 0:
+                    new[:, :, :-first].zero_()
+                new[:, :, max(-first, 0):max(-first, 0) + keep] = old[:, :, max(first, 0):self.length]
+                setattr(self, name, new)
+            self.capacity, self.length = capacity, self.length - first
             self._refresh_views()
 
         def keep_rows(self, rows: torch.Tensor) -> None:
             """Keep only the batch rows `rows`, in that order."""
             self._key_buffer, self._value_buffer = self._key_buffer[rows], self._value_buffer[rows]
+            self._refresh_views()
+
+        def add_rows(self, count: int) -> None:
+            """`count` more rows at the end, zero (their real tokens are written by `write_rows`)."""
+            self._key_buffer, self._value_buffer = (
+                torch.cat([b, b.new_zeros((count, *b.shape[1:]))]) for b in (self._key_buffer, self._value_buffer))
             self._refresh_views()
 
     return PreallocatedLayer
@@ -149,19 +165,25 @@ def preallocated_cache(model, capacity: int):
 
 
 class DecodeBatch:
-    """The model side of B episodes decoded together: KV cache, attention mask and next positions.
+    """The model side of B sequences decoded together: KV cache, attention mask and next positions.
 
     Columns are shared by all rows (column j of every row's cache was written by the same forward pass);
-    a row's real tokens are the columns its mask marks. `refill` puts a new prompt into a row whose episode
-    has ended: the prompt is prefilled in its own forward pass and its keys and values are copied into
-    the row, right-aligned to the current last column, so the row continues with the next decoding step.
-    When the cache is full, the leading columns no live row attends to are dropped (`capacity` must leave
-    room for one prompt and one response beyond the oldest live row's start). Models whose cache layers
-    are not plain full-attention layers (sliding windows...) cannot be refilled (`refillable` is False).
+    a row's real tokens are the columns its mask marks. A row is live from its prompt until the caller
+    `retire`s it; a retired row is filler (decoded with the others, never read) until `refill` puts a new
+    prompt into it or `keep_rows` drops it; `add_rows` makes more rows. `refill` prefills new prompts in a
+    forward pass of their own and copies their keys and values into the rows, right-aligned to the last
+    column written, so they continue with the next decoding step like the others; a prompt wider than the
+    columns written shifts the batch to the right. The cache holds `capacity` columns to begin with; when
+    it is full, the leading columns no live row attends to are dropped, and it grows (doubling, up to
+    `max_capacity`) when that would leave it more than three quarters full. Models whose cache layers are
+    not plain full-attention layers (sliding windows...) take no new rows once started (`refillable` is
+    False).
     """
 
-    def __init__(self, model, pad_id: int, capacity: int):
-        self.model, self.pad_id, self.capacity = model, pad_id, capacity
+    def __init__(self, model, pad_id: int, capacity: int, max_capacity: int | None = None):
+        self.model, self.pad_id = model, pad_id
+        self.capacity = capacity  # columns of the next `prefill`'s cache
+        self.max_capacity = max(capacity, max_capacity or capacity)
         params = forward_parameters(type(model))
         # transformers 5 renamed `past_key_values` to `cache` (argument and output)
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -169,9 +191,9 @@ class DecodeBatch:
         # as HF `generate` does
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.ready_mask = takes_ready_decode_mask(model)
-        self.cache = preallocated_cache(model, capacity)
-        self.refillable = self.cache is not None
+        self.refillable = preallocated_cache(model, 1) is not None
         self.device = next(model.parameters()).device
+        self.rows, self.length = 0, 0  # rows and columns of the batch; 0 until `prefill`
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -179,30 +201,37 @@ class DecodeBatch:
         cache = out[self.cache_arg] if self.cache_arg in out else out.past_key_values
         return out.logits[:, -1, :].float(), cache  # (B, V)
 
-    def prefill(self, prompt_ids: list) -> torch.Tensor:
-        """Start every row with its prompt; the next-token logits (B, V)."""
+    def prefill(self, prompt_ids: list, capacity: int | None = None) -> torch.Tensor:
+        """Start a new batch, one row per prompt (whatever the batch held is gone); the next-token logits
+        (B, V). `capacity`: columns of its cache (default: the constructor's)."""
         input_ids, prompt_mask = left_pad(prompt_ids, self.pad_id)  # (B, P)
         batch, width = input_ids.shape
+        self.capacity = max(capacity or self.capacity, width)
+        self.max_capacity = max(self.max_capacity, self.capacity)
         # The mask of the whole cache, allocated once: step t attends to a view of the first columns instead
         # of a new tensor from torch.cat every step. Columns to the right of a row's prompt are 1: decoding
-        # steps fill them. Rows whose episode ended keep attending; their filler tokens are never read.
+        # steps fill them. Retired rows keep attending; their filler tokens are never read.
         self.mask = torch.ones((batch, self.capacity), dtype=torch.long, device=self.device)  # (B, C)
         self.mask[:, :width] = prompt_mask
+        self._mask_changed()
+        lengths = prompt_mask.sum(-1)  # (B,)
+        self.start = (width - lengths).numpy()  # (B,) first column of each row's tokens
+        self.live = np.ones(batch, dtype=bool)  # (B,) rows whose sequence goes on
+        self.next_position = lengths.to(self.device)  # (B,) position id of each row's next token
+        self.rows, self.length = batch, width
+        cache = preallocated_cache(self.model, self.capacity)
+        logits, self.cache = self._forward(input_ids.to(self.device), prompt_mask.to(self.device),
+                                           position_ids_from_mask(prompt_mask).to(self.device), cache)
+        return logits
+
+    def _mask_changed(self) -> None:
         # Under SDPA a one-token step of a plain causal model takes this boolean (B, 1, 1, C) mask as is,
         # where the model would rebuild it from the 2D mask every step.
         self.mask_4d = self.mask.bool()[:, None, None, :] if self.ready_mask else None
-        lengths = prompt_mask.sum(-1)  # (B,)
-        self.start = (width - lengths).to(self.device)  # (B,) first column of each row's tokens
-        self.next_position = lengths.to(self.device)  # (B,) position id of each row's next token
-        self.length = width  # columns written
-        logits, self.cache = self._forward(input_ids.to(self.device), prompt_mask.to(self.device),
-                                           position_ids_from_mask(prompt_mask).to(self.device), self.cache)
-        return logits
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step: every row's token (B,) in, the next-token logits (B, V) out."""
-        if self.length == self.capacity:
-            self._drop_leading_columns()
+        self._reserve(1)
         width = self.length + 1
         mask = self.mask_4d[..., :width] if self.mask_4d is not None else self.mask[:, :width]
         logits, self.cache = self._forward(tokens[:, None], mask, self.next_position[:, None], self.cache)
@@ -211,11 +240,14 @@ class DecodeBatch:
         return logits
 
     def refill(self, rows: np.ndarray, prompt_ids: list) -> torch.Tensor:
-        """Start new episodes in `rows` (their old ones have ended); their next-token logits (k, V)."""
+        """Start new sequences in `rows` (retired ones); their next-token logits (k, V)."""
+        if not self.refillable:
+            raise RuntimeError("this model's KV cache cannot take new rows once a batch has started")
+        rows = np.asarray(rows, dtype=np.int64)
         input_ids, prompt_mask = left_pad(prompt_ids, self.pad_id)  # (k, w)
         width = input_ids.shape[1]
-        if width > self.length:
-            raise ValueError(f"a refilled prompt of {width} tokens does not fit left of column {self.length}")
+        self.live[rows] = False
+        self._reserve(0, width)
         prompt_mask = prompt_mask.to(self.device)
         logits, fresh = self._forward(input_ids.to(self.device), prompt_mask, position_ids_from_mask(prompt_mask),
                                       preallocated_cache(self.model, width))
@@ -230,33 +262,65 @@ class DecodeBatch:
         if self.mask_4d is not None:
             self.mask_4d[index] = row_mask.bool()[:, None, None, :]
         lengths = prompt_mask.sum(-1)
-        self.start[index] = self.length - lengths
+        self.start[rows] = self.length - lengths.cpu().numpy()
+        self.live[rows] = True
         self.next_position[index] = lengths
         return logits
 
+    def add_rows(self, count: int) -> np.ndarray:
+        """`count` more rows at the end of the batch, retired until `refill` starts sequences in them; their
+        indices."""
+        if not self.refillable:
+            raise RuntimeError("this model's KV cache cannot take new rows once a batch has started")
+        for layer in self.cache.layers:
+            layer.add_rows(count)
+        self.mask = torch.cat([self.mask, self.mask.new_zeros((count, self.capacity))])
+        self._mask_changed()
+        self.start = np.concatenate([self.start, np.zeros(count, dtype=self.start.dtype)])
+        self.live = np.concatenate([self.live, np.zeros(count, dtype=bool)])
+        self.next_position = torch.cat([self.next_position, self.next_position.new_zeros(count)])
+        self.rows += count
+        return np.arange(self.rows - count, self.rows)
+
     def retire(self, rows: np.ndarray) -> None:
-        """Rows whose episode ended: their columns may be dropped."""
-        self.start[torch.as_tensor(rows, device=self.device)] = self.capacity
+        """Rows whose sequence ended: their columns may be dropped, and they are filler until refilled.
+        Their positions restart at 0, so that a filler row's positions stay within the model's table."""
+        self.live[rows] = False
+        self.next_position[torch.as_tensor(rows, device=self.device)] = 0
 
     def keep_rows(self, rows: np.ndarray) -> None:
-        """Go on with the batch rows `rows` only (the others' episodes have ended)."""
+        """Go on with the batch rows `rows` only, in that order (the others have ended)."""
         index = torch.as_tensor(rows, device=self.device)
         for layer in self.cache.layers:
             layer.keep_rows(index)
-        self.mask, self.start, self.next_position = self.mask[index], self.start[index], self.next_position[index]
+        self.mask, self.next_position = self.mask[index], self.next_position[index]
+        self.start, self.live = self.start[rows], self.live[rows]
+        self.rows = len(rows)
         if self.mask_4d is not None:
             self.mask_4d = self.mask_4d[index]
 
-    def _drop_leading_columns(self) -> None:
-        drop = int(self.start.min().clamp(max=self.length))
-        if drop == 0:
-            raise RuntimeError(f"the KV cache of {self.capacity} positions is full of live tokens")
+    def _reserve(self, right: int, width: int = 0) -> None:
+        """Make room for `right` more columns after the last one written and for a prompt of `width` columns
+        that ends at it: drop the leading columns no live row attends to, shift the batch right, or grow."""
+        if self.length + right <= self.capacity and width <= self.length:
+            return
+        live_starts = self.start[self.live]
+        dead = int(min(live_starts.min(), self.length)) if live_starts.size else self.length
+        first = min(dead, self.length - width)  # the column that becomes column 0 (< 0: new columns on the left)
+        needed = self.length - first + right
+        capacity = self.capacity
+        if needed > capacity * 3 // 4:  # keep a quarter free, so that the next resize is far off
+            capacity = min(self.max_capacity, max(2 * capacity, needed))
+        if needed > capacity:
+            raise RuntimeError(f"the KV cache holds at most {self.max_capacity} positions and its live rows "
+                               f"need {needed}")
         for layer in self.cache.layers:
-            layer.drop_front(drop)
-        keep = self.length - drop
-        self.mask[:, :keep] = self.mask[:, drop:self.length].clone()
-        self.mask[:, keep:] = 1
-        if self.mask_4d is not None:
-            self.mask_4d.copy_(self.mask.bool()[:, None, None, :])
-        self.start -= drop
-        self.length = keep
+            layer.resize(capacity, first)
+        mask = torch.ones((self.rows, capacity), dtype=self.mask.dtype, device=self.device)
+        keep = self.length - max(first, 0)
+        mask[:, :max(-first, 0)] = 0
+        mask[:, max(-first, 0):max(-first, 0) + keep] = self.mask[:, max(first, 0):self.length]
+        self.mask = mask
+        self._mask_changed()
+        self.start -= first
+        self.capacity, self.length = capacity, self.length - first

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
+from rlhf_ray.decoding import keep_freed_memory
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.rollout.sampler import Sampler, SamplingParams
 from rlhf_ray.sampling import argmax_rows, episode_seed, filter_top_k_top_p, inverse_cdf_sample
-from rlhf_ray.rollout.decoding import keep_freed_memory
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

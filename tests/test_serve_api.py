@@ -54,6 +54,23 @@ def test_completion_has_an_id_choices_and_usage(client):
     assert body["system_fingerprint"] == "v1-test"
 
 
+def test_a_seeded_request_is_the_rollout_episode_of_that_run_seed(client, engine):
+    """`seed` s for prompt p, choice j is the rollout sampler's episode seed (s, p, j): the same completion
+    for the same model and settings as the rollout at iteration p, prompt j of a run seeded s."""
+    from rlhf_ray.rollout.sampler import Sampler, SamplingParams
+    from rlhf_ray.sampling import episode_seed
+
+    body = client.post("/v1/completions", headers=AUTH, json={
+        "model": MODEL, "prompt": "i think the food", "n": 2, "max_tokens": 10, "seed": 77, "temperature": 0.9,
+    }).json()
+    prompt_ids = engine.encode("i think the food")
+    sampler = Sampler(engine.model, engine.tokenizer, lambda p, r: [0.0] * len(p),
+                      SamplingParams(max_new_tokens=10, temperature=0.9))
+    episodes = sampler.generate([prompt_ids, prompt_ids], [episode_seed(77, 0, 0), episode_seed(77, 0, 1)])
+    assert [c["text"].strip() for c in body["choices"]] == [e.response.strip() for e in episodes]
+    assert len({c["text"] for c in body["choices"]}) == 2
+
+
 def test_completion_is_recorded_before_the_response(client, backend):
     body = client.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": "the movie was"}).json()
     stored = backend.store.completion(body["id"])

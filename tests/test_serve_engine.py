@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from rlhf_ray.models import build_tiny_model
-from rlhf_ray.serve.engine import (
-    GenerationEngine, GenerationRequest, IncrementalDetokenizer, find_stop, stop_prefix_length,
-)
+from rlhf_ray.serve.engine import GenerationEngine, GenerationRequest
+from rlhf_ray.serve.text import IncrementalDetokenizer, find_stop, stop_prefix_length
 
 PROMPTS = ["the movie was", "my day is very", "i think", "our team"]
 
@@ -136,3 +135,95 @@ def test_the_serving_engine_loads_neither_gymnasium_nor_the_environments():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_requests_joining_a_running_batch_get_what_they_get_alone(engine):
+    """Continuous batching: at most 2 rows, 5 requests of other lengths, settings and budgets; each request's
+    tokens are those it gets on its own."""
+    requests = [request_for(engine, PROMPTS[i % 4] + " x" * i, seed=10 + i, max_new_tokens=3 + 4 * i,
+                            temperature=[0, 0.8, 1.0, 1.5, 0][i], top_p=[1.0, 0.9, 1.0, 0.8, 1.0][i])
+                for i in range(5)]
+    alone = [engine.generate([r])[0] for r in requests]
+    engine.max_rows = 2
+    try:
+        together = engine.generate(requests)
+    finally:
+        engine.max_rows = 16
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert together == alone
+
+
+def test_a_request_joins_at_the_next_step_and_one_that_leaves_frees_its_row(engine):
+    first = request_for(engine, PROMPTS[0], seed=1, max_new_tokens=20)
+    second = request_for(engine, PROMPTS[1], seed=2, max_new_tokens=6)
+    engine.step([("a", first)])
+    engine.step()
+    deltas = engine.step([("b", second)])  # joins while "a" runs
+    assert [key for key, _ in deltas] == ["a", "b"] and engine.running == 2
+    deltas = engine.step(leaving=["a"])
+    assert [key for key, _ in deltas] == ["b"] and engine.running == 1
+    while engine.running:
+        engine.step()
+    assert engine.step() == []
+
+
+def test_the_server_and_the_rollout_sampler_make_the_same_completion_from_the_same_seed(engine):
+    """One seed derivation and one draw: a request with `seed` s is the rollout episode of run seed s,
+    iteration 0, prompt 0 (choice 0), for the same model and settings."""
+    from rlhf_ray.rollout.sampler import Sampler, SamplingParams
+    from rlhf_ray.sampling import episode_seed
+
+    prompt_ids = tuple(engine.encode(PROMPTS[2]))
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9)]:
+        request = GenerationRequest(prompt_ids, 12, temperature, top_p, seed=episode_seed(1234, 0, 0))
+        served = engine.generate([request])[0]
+        sampler = Sampler(engine.model, engine.tokenizer, lambda p, r: [0.0] * len(p),
+                          SamplingParams(max_new_tokens=12, temperature=temperature, top_p=top_p))
+        episode = sampler.generate([list(prompt_ids)], [episode_seed(1234, 0, 0)])[0]
+        assert list(served.token_ids) == episode.response_ids.tolist()
+        assert served.finish_reason == ("stop" if episode.eos else "length")
+
+
+def test_an_end_of_turn_token_of_the_generation_config_ends_responses_and_episodes(engine):
+    """One definition of where a response ends: the tokenizer's EOS and the model's end-of-turn ids."""
+    from rlhf_ray.rollout.sampler import Sampler, SamplingParams
+
+    request = request_for(engine, PROMPTS[3], temperature=0, max_new_tokens=12)
+    first_token = engine.generate([request])[0].token_ids[0]
+    model, tokenizer = engine.model, engine.tokenizer
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first_token]  # a chat model's <|im_end|>
+    try:
+        turn_engine = GenerationEngine(model, tokenizer)
+        served = turn_engine.generate([request])[0]
+        episode = Sampler(model, tokenizer, lambda p, r: [0.0] * len(p),
+                          SamplingParams(max_new_tokens=12, greedy=True)).generate([list(request.prompt_ids)], [0])[0]
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert served.token_ids == (first_token,) and served.finish_reason == "stop" and served.text == ""
+    assert episode.response_ids.tolist() == [first_token] and episode.eos
+
+
+def test_a_sliding_window_model_takes_new_requests_only_between_batches():
+    """Sliding-window cache layers cannot take rows mid-flight (`DecodeBatch.refillable` is False): requests
+    wait for the running batch to end, and each still gets what it gets alone."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from rlhf_ray.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                           sliding_window=8, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    engine = GenerationEngine(AutoModelForCausalLM.from_config(config).eval(), tokenizer, max_rows=2)
+    assert not engine.batch.refillable
+    requests = [request_for(engine, prompt, temperature=0, max_new_tokens=n)
+                for prompt, n in [("the movie was", 20), ("our team", 5), ("i think", 12)]]
+    alone = [engine.generate([r])[0] for r in requests]
+    engine.step([("a", requests[0])])
+    assert engine.free_rows() == 0  # one row is free, but the cache cannot take it
+    while engine.running:
+        engine.step()
+    assert engine.generate(requests) == alone

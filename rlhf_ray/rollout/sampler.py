@@ -40,8 +40,8 @@ from gymnasium.vector import AutoresetMode
 
 from envs.vector import TextGenerationVectorEnv
 from rlhf_ray.rewards import RewardFunction, as_reward_function
-from rlhf_ray.rollout.decoding import DecodeBatch
-from rlhf_ray.sampling import argmax_rows, episode_seed, episode_uniforms, filter_top_k_top_p, inverse_cdf_sample
+from rlhf_ray.decoding import DecodeBatch
+from rlhf_ray.sampling import end_of_response_ids, episode_seed, episode_uniforms, sample_tokens
 
 __all__ = ["Episode", "Sampler", "SamplingParams", "episode_seed"]  # episode_seed: callers seed episodes here
 
@@ -123,23 +123,11 @@ class Sampler:
                 num_envs=batch, tokenizer=self.tokenizer, prompts=[""], reward_fn=self._env_reward,
                 max_new_tokens=self.params.max_new_tokens, max_length=max_length,
                 autoreset_mode=AutoresetMode.DISABLED, copy=False,
+                # where a response ends: the same tokens as the policy server's (the model's end of turn too)
+                stop_token_ids=end_of_response_ids(self.tokenizer, getattr(self.model, "generation_config", None)),
             )
             self._cached_env = (key, env)
         return self._cached_env[1]
-
-    def _next_tokens(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's token (B,) and its behaviour log-probability (B,) from next-token logits (B, V)."""
-        params = self.params
-        if params.temperature != 1.0:  # x / 1.0 == x: skip a (B, V) pass
-            logits = logits / params.temperature
-        # (torch's log_softmax on CPU is faster than its logsumexp, even for the argmax's log-prob alone)
-        logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
-        if params.greedy:
-            tokens = argmax_rows(logits)  # (B,) the logits' argmax, as `generate` takes it
-        else:
-            probs = filter_top_k_top_p(logprobs.exp(), params.top_k, params.top_p)  # (B, V)
-            tokens = inverse_cdf_sample(probs, uniforms)  # (B,)
-        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]] | list[np.ndarray], seeds: list[int]) -> list[Episode]:
@@ -152,108 +140,163 @@ class Sampler:
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(seeds)} seeds")
         if not prompt_ids:
             return []
-        params, pad_id = self.params, self.tokenizer.pad_token_id
+        params = self.params
         total, new_tokens = len(prompt_ids), params.max_new_tokens
-        slots = min(self.max_batch or total, total)
+        size = min(self.max_batch or total, total)
         prompt_width = max(len(p) for p in prompt_ids)  # of all prompts: a refill fits left of any step's column
         # a static batch needs one prompt and one response; refills need room for one more of each
         # beyond the oldest live row (see DecodeBatch)
-        batch = DecodeBatch(self.model, pad_id, (prompt_width + new_tokens) * (1 if slots == total else 2))
-        if slots < total and not batch.refillable:  # the model's cache cannot take rows: batches one after another
-            return [episode for first in range(0, total, slots)
-                    for episode in self._static_batch(prompt_ids, seeds, first, slots)]
+        batch = DecodeBatch(self.model, self.tokenizer.pad_token_id,
+                            (prompt_width + new_tokens) * (1 if size == total else 2))
+        if size < total and not batch.refillable:  # the model's cache cannot take rows: batches one after another
+            return [episode for first in range(0, total, size)
+                    for episode in self._static_batch(prompt_ids, seeds, first, size)]
         self.last_reward_s = 0.0
-        env = self._env(slots, self.max_length or prompt_width + new_tokens)
-        device = batch.device
-
-        def on_device(indices: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(indices).to(device)
-
+        env = self._env(size, self.max_length or prompt_width + new_tokens)
+        record = _EpisodeRecord(total, new_tokens, self.tokenizer.pad_token_id, batch.device)
+        slots = _Slots(size, total)
         uniforms = None  # (N, R); greedy draws nothing
         if not params.greedy:
-            uniforms = torch.as_tensor(episode_uniforms(list(seeds), new_tokens), dtype=torch.float32).to(device)
-        step_logprobs = torch.zeros((total, new_tokens), dtype=torch.float32, device=device)  # (N, R)
-        responses = np.full((total, new_tokens), pad_id, dtype=np.int64)  # (N, R)
-        response_lengths = np.zeros(total, dtype=np.int64)  # (N,)
-        rewards, eos = np.zeros(total, dtype=np.float64), np.zeros(total, dtype=bool)
-        texts: list[tuple[str, str] | None] = [None] * total
-        components: list[dict[str, float] | None] = [None] * total
+            uniforms = torch.as_tensor(episode_uniforms(list(seeds), new_tokens), dtype=torch.float32).to(batch.device)
 
-        slot_episode = np.arange(slots)  # (S,) episode each env slot holds; -1: none
-        slot_step = np.zeros(slots, dtype=np.int64)  # (S,) tokens its episode has so far
-        row_slot = np.arange(slots)  # (B,) the env slot of each model row (B < S once rows are dropped)
-        queued = slots  # next prompt to start
-        env.reset(options={"prompt_ids": [list(map(int, p)) for p in prompt_ids[:slots]]})
-        logits = batch.prefill(prompt_ids[:slots])  # (B, V)
+        env.reset(options={"prompt_ids": [list(map(int, p)) for p in prompt_ids[:size]]})
+        logits = batch.prefill(prompt_ids[:size])  # (B, V)
         while True:
-            row_episode, row_step = slot_episode[row_slot], slot_step[row_slot]  # (B,)
-            live = np.flatnonzero(row_episode >= 0)
+            episodes, steps, live = slots.rows()  # (B,) each row's episode and its tokens so far; live rows
             row_uniforms = None
             if uniforms is not None:  # rows without an episode draw from episode 0's stream; their token is filler
-                row_uniforms = uniforms[on_device(np.maximum(row_episode, 0)),
-                                        on_device(np.minimum(row_step, new_tokens - 1))]
-            tokens, logprobs = self._next_tokens(logits, row_uniforms)
+                row_uniforms = uniforms[record.on_device(np.maximum(episodes, 0)),
+                                        record.on_device(np.minimum(steps, new_tokens - 1))]
+            tokens, logprobs = sample_tokens(logits, row_uniforms, params.temperature, params.top_k, params.top_p,
+                                             params.greedy)
             del logits  # free the (B, V) tensors before the next forward pass, as HF `generate` does
-            live_episodes, live_steps = row_episode[live], row_step[live]
-            step_logprobs[on_device(live_episodes), on_device(live_steps)] = logprobs[on_device(live)]
             row_tokens = tokens.cpu().numpy()  # (B,) the one device-to-host copy of a step
-            responses[live_episodes, live_steps] = row_tokens[live]
-            actions = np.full(slots, pad_id, dtype=np.int64)  # finished envs ignore their action: filler
-            actions[row_slot[live]] = row_tokens[live]
-            slot_step[row_slot[live]] += 1
-
-            _, step_rewards, terminated, truncated, infos = env.step(actions)
-            finished = np.flatnonzero(terminated | truncated)  # slots
+            record.tokens(episodes[live], steps[live], row_tokens[live], logprobs[record.on_device(live)])
+            _, step_rewards, terminated, truncated, infos = env.step(slots.advance(live, row_tokens, record.pad_id))
+            finished = np.flatnonzero(terminated | truncated)  # env slots
             for slot in finished:
-                episode = slot_episode[slot]
-                rewards[episode], eos[episode] = step_rewards[slot], terminated[slot]
-                texts[episode] = (infos["prompt"][slot], infos["response"][slot])
-                if "reward_components" in infos:
-                    components[episode] = infos["reward_components"][slot]
-                response_lengths[episode] = slot_step[slot]
-                slot_episode[slot] = -1
-            if finished.size:
-                batch.retire(np.flatnonzero(np.isin(row_slot, finished)))
-            free_rows = np.flatnonzero(slot_episode[row_slot] < 0)
-            if queued == total:
-                if free_rows.size == len(row_slot):
+                record.finish(slots.episode[slot], slots.step[slot], step_rewards[slot], terminated[slot], infos, slot)
+            batch.retire(slots.finish(finished))
+            if slots.all_started() and slots.drop_ended():  # no prompt left, half the rows idle: go on without them
+                if not slots.row_slot.size:
                     break
-                if free_rows.size * 2 >= len(row_slot):  # no prompt left: go on with the live rows only
-                    keep = np.flatnonzero(slot_episode[row_slot] >= 0)
-                    batch.keep_rows(keep)
-                    row_slot, tokens = row_slot[keep], tokens[on_device(keep)]
-                    free_rows = free_rows[:0]
+                batch.keep_rows(slots.kept)
+                tokens = tokens[record.on_device(slots.kept)]
             logits = batch.decode(tokens)
-            if queued < total and free_rows.size:
-                rows = free_rows[: total - queued]
-                started = np.arange(queued, queued + len(rows))
-                queued += len(rows)
-                slot_episode[row_slot[rows]], slot_step[row_slot[rows]] = started, 0
-                reset_mask = np.zeros(slots, dtype=bool)
-                reset_mask[row_slot[rows]] = True
-                slot_prompts: list[list[int]] = [[] for _ in range(slots)]
-                for slot, episode in zip(row_slot[rows], started):
-                    slot_prompts[slot] = list(map(int, prompt_ids[episode]))
-                env.reset(options={"prompt_ids": slot_prompts, "reset_mask": reset_mask})
-                logits[on_device(rows)] = batch.refill(rows, [prompt_ids[e] for e in started])
-
-        logprobs = step_logprobs.cpu().numpy()  # (N, R)
-        episodes = []
-        for b in range(total):
-            length = int(response_lengths[b])
-            prompt, response = texts[b]
-            episodes.append(Episode(
-                prompt_ids=np.asarray(prompt_ids[b], dtype=np.int64),
-                response_ids=responses[b, :length].copy(),
-                behaviour_logprobs=logprobs[b, :length].copy(),
-                eos=bool(eos[b]), reward=float(rewards[b]), prompt=prompt, response=response,
-                seed=int(seeds[b]), reward_components=components[b],
-            ))
-        return episodes
+            rows, started = slots.start_next()
+            if rows.size:
+                env.reset(options={"prompt_ids": slots.env_prompts(rows, started, prompt_ids),
+                                   "reset_mask": slots.reset_mask(rows)})
+                logits[record.on_device(rows)] = batch.refill(rows, [prompt_ids[e] for e in started])
+        return record.episodes(prompt_ids, seeds)
 
     def _static_batch(self, prompt_ids, seeds, first: int, size: int) -> list[Episode]:
         """Episodes of prompts [first, first + size) as one static batch; reward time adds up."""
         spent = self.last_reward_s if first else 0.0
         episodes = self.generate(prompt_ids[first:first + size], seeds[first:first + size])
         self.last_reward_s += spent
+        return episodes
+
+
+class _Slots:
+    """Continuous batching's bookkeeping: which episode each env slot holds, how many tokens it has, and
+    which env slot each model row decodes (there are fewer rows than slots once ended rows are dropped)."""
+
+    def __init__(self, size: int, total: int):
+        self.total = total  # episodes to make
+        self.episode = np.arange(size)  # (S,) episode each env slot holds; -1: none
+        self.step = np.zeros(size, dtype=np.int64)  # (S,) tokens its episode has so far
+        self.row_slot = np.arange(size)  # (B,) env slot of each model row
+        self.queued = size  # next episode to start
+        self.kept = self.row_slot  # rows kept by the last `drop_ended`
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's episode (-1: none) and its tokens so far, (B,) each; and the rows with an episode."""
+        episodes = self.episode[self.row_slot]
+        return episodes, self.step[self.row_slot], np.flatnonzero(episodes >= 0)
+
+    def advance(self, live: np.ndarray, row_tokens: np.ndarray, filler: int) -> np.ndarray:
+        """Count the live rows' new tokens; the env's actions (S,): those tokens, filler elsewhere (ended envs
+        ignore theirs)."""
+        actions = np.full(len(self.episode), filler, dtype=np.int64)
+        actions[self.row_slot[live]] = row_tokens[live]
+        self.step[self.row_slot[live]] += 1
+        return actions
+
+    def finish(self, slots: np.ndarray) -> np.ndarray:
+        """Empty `slots` (their episodes ended); the model rows that decoded them."""
+        self.episode[slots] = -1
+        return np.flatnonzero(np.isin(self.row_slot, slots))
+
+    def all_started(self) -> bool:
+        return self.queued == self.total
+
+    def drop_ended(self) -> bool:
+        """Drop the rows without an episode when they are half the batch (or all of it); whether it did.
+        The rows kept are `kept`, in order."""
+        idle = int((self.episode[self.row_slot] < 0).sum())
+        if idle * 2 < len(self.row_slot) or idle == 0:
+            return False
+        self.kept = np.flatnonzero(self.episode[self.row_slot] >= 0)
+        self.row_slot = self.row_slot[self.kept]
+        return True
+
+    def start_next(self) -> tuple[np.ndarray, np.ndarray]:
+        """Give the rows without an episode the next episodes: (rows, episodes), both empty when none."""
+        free = np.flatnonzero(self.episode[self.row_slot] < 0)[: self.total - self.queued]
+        started = np.arange(self.queued, self.queued + len(free))
+        self.queued += len(free)
+        self.episode[self.row_slot[free]], self.step[self.row_slot[free]] = started, 0
+        return free, started
+
+    def env_prompts(self, rows: np.ndarray, started: np.ndarray, prompt_ids) -> list[list[int]]:
+        """The env's `prompt_ids` reset option: the started episodes' prompts in their slots."""
+        prompts: list[list[int]] = [[] for _ in self.episode]
+        for slot, episode in zip(self.row_slot[rows], started):
+            prompts[slot] = list(map(int, prompt_ids[episode]))
+        return prompts
+
+    def reset_mask(self, rows: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(self.episode), dtype=bool)
+        mask[self.row_slot[rows]] = True
+        return mask
+
+
+class _EpisodeRecord:
+    """What the episodes of one `generate` call have made so far: tokens, log-probs, rewards, texts."""
+
+    def __init__(self, total: int, new_tokens: int, pad_id: int, device: torch.device):
+        self.device, self.pad_id = device, pad_id
+        self.logprobs = torch.zeros((total, new_tokens), dtype=torch.float32, device=device)  # (N, R)
+        self.responses = np.full((total, new_tokens), pad_id, dtype=np.int64)  # (N, R)
+        self.lengths = np.zeros(total, dtype=np.int64)  # (N,)
+        self.rewards, self.eos = np.zeros(total, dtype=np.float64), np.zeros(total, dtype=bool)
+        self.texts: list[tuple[str, str] | None] = [None] * total
+        self.components: list[dict[str, float] | None] = [None] * total
+
+    def on_device(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(indices).to(self.device)
+
+    def tokens(self, episodes: np.ndarray, steps: np.ndarray, tokens: np.ndarray, logprobs: torch.Tensor) -> None:
+        self.logprobs[self.on_device(episodes), self.on_device(steps)] = logprobs
+        self.responses[episodes, steps] = tokens
+
+    def finish(self, episode: int, length: int, reward: float, terminated: bool, infos: dict, slot: int) -> None:
+        self.rewards[episode], self.eos[episode], self.lengths[episode] = reward, terminated, length
+        self.texts[episode] = (infos["prompt"][slot], infos["response"][slot])
+        if "reward_components" in infos:
+            self.components[episode] = infos["reward_components"][slot]
+
+    def episodes(self, prompt_ids, seeds) -> list[Episode]:
+        logprobs = self.logprobs.cpu().numpy()  # (N, R)
+        episodes = []
+        for b, length in enumerate(self.lengths.tolist()):
+            prompt, response = self.texts[b]
+            episodes.append(Episode(
+                prompt_ids=np.asarray(prompt_ids[b], dtype=np.int64),
+                response_ids=self.responses[b, :length].copy(),
+                behaviour_logprobs=logprobs[b, :length].copy(),
+                eos=bool(self.eos[b]), reward=float(self.rewards[b]), prompt=prompt, response=response,
+                seed=int(seeds[b]), reward_components=self.components[b],
+            ))
         return episodes

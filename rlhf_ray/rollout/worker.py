@@ -21,7 +21,7 @@ import torch
 from rlhf_ray.models import load_policy
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards.composite import build_reward
-from rlhf_ray.rollout.decoding import keep_freed_memory
+from rlhf_ray.decoding import keep_freed_memory
 from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams
 
 

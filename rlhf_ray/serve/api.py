@@ -25,7 +25,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
@@ -35,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhf_ray.serve.checks import APIError, check_model, generation_rows, validation_message
 from rlhf_ray.serve.config import ServeConfig
+from rlhf_ray.serve.decode_loop import DecodeLoop, GenerationJob
 from rlhf_ray.serve.feedback_store import ChoiceRecord, CompletionRecord, FeedbackError
 from rlhf_ray.serve.guard import GuardMiddleware, error_response
 from rlhf_ray.serve.openapi import document_api
@@ -45,19 +45,11 @@ from rlhf_ray.serve.schemas import (
 )
 
 if TYPE_CHECKING:  # torch is imported by the model replica only (not by the feedback store's)
-    from rlhf_ray.serve.engine import GenerationRequest, TextDelta
+    from rlhf_ray.serve.engine import TextDelta
 
 logger = logging.getLogger("rlhf_ray.serve")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class GenerationJob:
-    """The sequences of one API request, sampled in one batch: row i is choice i."""
-
-    rows: list[GenerationRequest]
-    stream: bool
 
 
 class Backend(Protocol):
@@ -78,45 +70,6 @@ class Backend(Protocol):
     async def add_feedback(self, feedback: FeedbackRequest) -> dict: ...
 
 
-# The batch loop shared by the Serve deployment and the in-process backend
-
-
-async def batch_outputs(engine, jobs: list[GenerationJob], executor=None) -> AsyncIterator[list]:
-    """Sample the rows of all `jobs` as one engine batch and yield, as `@serve.batch` generators do, one
-    entry per job: a list of (choice, delta) when the job has something to deliver, None when not,
-    StopIteration once it has had everything. A streaming job gets its deltas step by step, any other
-    job all of them when its last row ends.
-
-    Each decoding step runs in `executor` (one worker thread) while the event loop waits for it: the loop
-    keeps reading requests (the next batch) and flushing streams while torch computes, and gets the GIL
-    back after every step. A thread running the whole batch on its own would hold the GIL through most of
-    a small model's step (which is Python) and starve the loop: in experiments/bench_serve.py on a 2-core
-    CPU, batches then stayed small and batched throughput was lower and far more variable."""
-    rows = [row for job in jobs for row in job.rows]
-    owners = [(j, choice) for j, job in enumerate(jobs) for choice in range(len(job.rows))]
-    running = [len(job.rows) for job in jobs]
-    buffers: list[list[tuple[int, TextDelta]]] = [[] for _ in jobs]
-    delivered = [False] * len(jobs)
-    steps = engine.stream(rows)
-    loop = asyncio.get_running_loop()
-    while True:
-        step = await loop.run_in_executor(executor, next, steps, None)
-        if step is None:
-            break
-        for row, delta in enumerate(step):
-            if delta is not None:
-                j, choice = owners[row]
-                buffers[j].append((choice, delta))
-                running[j] -= delta.finish_reason is not None
-        outputs: list = [StopIteration if done else None for done in delivered]
-        for j, job in enumerate(jobs):
-            if not delivered[j] and buffers[j] and (job.stream or running[j] == 0):
-                outputs[j], buffers[j] = buffers[j], []
-                delivered[j] = running[j] == 0
-        if any(isinstance(output, list) for output in outputs):
-            yield outputs
-
-
 class LocalBackend:
     """A backend in this process: an engine and a feedback store, no Ray (tests, single-process use)."""
 
@@ -125,7 +78,7 @@ class LocalBackend:
         self.model_name, self.policy_version = model_name, policy_version
         self.created = int(time.time())
         self.context_length = engine.context_length
-        self._lock = asyncio.Lock()
+        self.decode_loop = DecodeLoop(engine)
 
     def encode(self, text):
         return self.engine.encode(text)
@@ -134,10 +87,8 @@ class LocalBackend:
         return self.engine.chat_prompt(messages)
 
     async def generate(self, job):
-        async with self._lock:
-            async for outputs in batch_outputs(self.engine, [job]):
-                if isinstance(outputs[0], list):
-                    yield outputs[0]
+        async for outputs in self.decode_loop.generate(job):
+            yield outputs
 
     async def record(self, record):
         self.store.record_completions([record])

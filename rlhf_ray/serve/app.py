@@ -4,7 +4,7 @@ feedback-store replica that owns the SQLite file.
     HTTP ──► Serve proxy ──► OpenAIServer × ingress_replicas   (FastAPI app of serve/api.py, no CPU)
                                  │  whole, checked, tokenised requests only (DeploymentHandle, streamed)
                                  ├──► PolicyServer × [min_replicas, max_replicas]
-                                 │      @serve.batch: concurrent requests → one GenerationEngine batch
+                                 │      DecodeLoop: each request joins the running batch at the next step
                                  └──► FeedbackStoreServer × 1   (SQLite WAL; @serve.batch groups commits)
 
 Why two deployments: Ray Serve's proxy (ray/serve/_private/proxy.py, Ray 2.60) hands a request to a
@@ -27,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 from ray.serve import Application
 
-from rlhf_ray.serve.api import GenerationJob, batch_outputs, build_api
+from rlhf_ray.serve.api import build_api
 from rlhf_ray.serve.config import ServeConfig
+from rlhf_ray.serve.decode_loop import DecodeLoop, GenerationJob
 from rlhf_ray.serve.feedback_store import FeedbackError, FeedbackStore
 
 APP_NAME = "rlhf-ray"
@@ -66,13 +67,14 @@ class FeedbackStoreServer:
 
 @serve.deployment
 class PolicyServer:
-    """One model replica: the policy and its engine; samples the rows of whole requests in batches."""
+    """One model replica: the policy, its engine and the decode loop that runs every request in flight as
+    one batch (continuous batching: a request joins at the next step, `max_batch_size` rows at most)."""
 
     def __init__(self, config: dict):
         import torch
 
         from rlhf_ray.models import load_policy
-        from rlhf_ray.rollout.decoding import keep_freed_memory
+        from rlhf_ray.decoding import keep_freed_memory
         from rlhf_ray.serve.engine import GenerationEngine
 
         self.config = ServeConfig.model_validate(config)
@@ -82,20 +84,13 @@ class PolicyServer:
         dtype = getattr(torch, self.config.dtype)
         device = "cuda" if self.config.num_gpus > 0 else "cpu"
         model, tokenizer = load_policy(self.config.policy, dtype=dtype, device=device)
-        self.engine = GenerationEngine(model, tokenizer)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._generate_batch.set_max_batch_size(self.config.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.engine = GenerationEngine(model, tokenizer, max_rows=self.config.max_batch_size)
+        # one thread runs the decoding steps; the event loop keeps taking requests meanwhile
+        self.decode_loop = DecodeLoop(self.engine, ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode"))
 
     async def generate(self, job: GenerationJob):
         """(choice, delta) lists as `Backend.generate` yields them (called with `stream=True`)."""
-        async for outputs in self._generate_batch(job):
-            if outputs is not None:
-                yield outputs
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, jobs: list[GenerationJob]):
-        async for outputs in batch_outputs(self.engine, jobs, self._executor):
+        async for outputs in self.decode_loop.generate(job):
             yield outputs
 
 

@@ -153,7 +153,8 @@ def add_serve_commands(commands) -> None:
                             "(default: $RLHF_RAY_API_KEY, else none)")
     serve.add_argument("--feedback-db", default="feedback.db", help="SQLite file of completions and feedback")
     serve.add_argument("--model-name", default=None, help="the model id clients send (default: the run name)")
-    serve.add_argument("--max-batch-size", type=int, default=None, help="requests sampled together (1: no batching)")
+    serve.add_argument("--max-batch-size", type=int, default=None,
+                       help="sequences a model replica decodes at once (1: no batching)")
     serve.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per model replica (default 1)")
     serve.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
     serve.add_argument("--set", type=_override, action="append", metavar="field=value",

@@ -46,8 +46,9 @@ class ServeConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1)  # per model replica; beyond it requests wait at the ingress
     num_cpus: float = Field(1.0, ge=0)  # Ray CPUs per model replica
     num_gpus: float = Field(0.0, ge=0)
-    max_batch_size: int = Field(16, ge=1)  # requests sampled together (1: no batching)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill once it has a request
+    # sequences a model replica decodes at once (a request's n choices are n of them; 1: no batching); a
+    # request joins the running batch at the next step once a row is free (continuous batching)
+    max_batch_size: int = Field(16, ge=1)
     store_resources: dict[str, float] = {}  # custom Ray resources that place the feedback store (its disk)
 
     # the HTTP ingress (no CPU reserved): it holds each request until its whole body has arrived, so a slow
