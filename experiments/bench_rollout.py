@@ -43,7 +43,6 @@ each episode's response tokens up to and including EOS.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -58,6 +57,8 @@ from rlhf_ray.decoding import keep_freed_memory, left_pad
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed
+
+from benchlib import write_json  # experiments/benchlib.py
 
 
 @dataclass(frozen=True)
@@ -364,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                   "results": results, "continuous_results": continuous,
                   **{f"{r['case']}_ratio": r["sampler_vs_generate_ratio"] for r in results},
                   "min_ratio": min((r["sampler_vs_generate_ratio"] for r in results), default=None)}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, report)
     return 0
 
 

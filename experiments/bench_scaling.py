@@ -26,7 +26,6 @@ efficiency(k) = tokens/s(k) ÷ (k / k0 × tokens/s(k0)); 1.0 is perfect scaling.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchlib import write_json  # experiments/benchlib.py
 
 # one torch thread per worker, and no progress bars or logs from the workers' model loads
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -166,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                   "ray": ray.__version__, "load_average_before": load_before[0], "load_average_after": load_after[0],
                   "results": results,
                   **{f"efficiency_{r['workers']}": r["efficiency"] for r in results}}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, report)
     return 0
 
 

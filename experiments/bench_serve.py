@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from benchlib import write_json  # experiments/benchlib.py
 
 PROMPTS = ["the movie was", "my day is very", "i think the food", "our team", "the weather today was",
            "this book is"]
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     model = model_name(args.policy)
-    max_tokens = max_tokens_of(max(args.requests, 4 * max(args.concurrency)), args.max_tokens)
+    # one list for every level, the warm-up (16) and the engine table (32): the same draws however many are used
+    max_tokens = max_tokens_of(max(args.requests, 4 * max(args.concurrency), 32), args.max_tokens)
     runs: dict[tuple[str, int], list[dict]] = {}
     ray.init(address="local", num_cpus=max(2, int(len(args.modes) * args.num_cpus) + 1), include_dashboard=False,
              log_to_driver=False)
@@ -219,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                               "python": platform.python_version(), "load_average": os.getloadavg()},
                   "results": results, "engine": engine_rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return 1 if any(r["failures"] for r in results) else 0
 
 

@@ -29,7 +29,6 @@ loaded from disk: every worker's `weights_digest` must equal the digest of the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,6 +36,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from benchlib import write_json  # experiments/benchlib.py
 
 ZERO_COPY_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 # weight-loading progress bars and logs of every worker would bury the table
@@ -241,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{sync_s / medians[name]:>10.2f}")
     print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, report)
     return 0
 
 

@@ -29,10 +29,13 @@ from rlhf_ray.serve.cli import add_serve_commands
 EXIT_USAGE = 2
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_config_arguments(parser: argparse.ArgumentParser, runs: bool = False) -> None:
+    """The configuration and its overrides; `runs`: the command runs on Ray (a cluster to join)."""
     parser.add_argument("config", help="YAML run configuration")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. rollout.batch_size=64")
+    if runs:
+        parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
 
 
 def cmd_config(args) -> int:
@@ -124,32 +127,28 @@ def cmd_scale(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("train", help="run PPO as configured")
-    _add_config_arguments(run)
-    run.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
-    run.add_argument("--fresh", action="store_true",
-                     help="start over, deleting the run folder's checkpoints and metrics (default: resume)")
-    run.set_defaults(func=cmd_train)
-    pipe = commands.add_parser("pipeline", help="run SFT, reward model and PPO in order, skipping finished stages")
-    _add_config_arguments(pipe)
-    pipe.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
-    pipe.add_argument("--stages", default="sft,reward_model,ppo",
-                      help="comma-separated stages to run (default: all three, in order)")
-    pipe.set_defaults(func=cmd_pipeline)
-    show = commands.add_parser("config", help="print the resolved configuration")
-    _add_config_arguments(show)
-    show.set_defaults(func=cmd_config)
-    sample = commands.add_parser("sample", help="sample and score a batch of episodes from the policy")
-    _add_config_arguments(sample)
-    sample.set_defaults(func=cmd_sample)
-    resize = commands.add_parser("scale", help="change a running run's number of rollout workers")
+
+    def command(name: str, help: str, func, config: bool = True, runs: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.set_defaults(func=func)
+        if config:
+            _add_config_arguments(sub, runs)
+        return sub
+
+    command("train", "run PPO as configured", cmd_train, runs=True).add_argument(
+        "--fresh", action="store_true",
+        help="start over, deleting the run folder's checkpoints and metrics (default: resume)")
+    command("pipeline", "run SFT, reward model and PPO in order, skipping finished stages", cmd_pipeline,
+            runs=True).add_argument("--stages", default="sft,reward_model,ppo",
+                                    help="comma-separated stages to run (default: all three, in order)")
+    command("config", "print the resolved configuration", cmd_config)
+    command("sample", "sample and score a batch of episodes from the policy", cmd_sample)
+    resize = command("scale", "change a running run's number of rollout workers", cmd_scale, config=False)
     resize.add_argument("run", help="the run's name (config key `name`)")
     resize.add_argument("--rollout-workers", type=int, required=True)
     resize.add_argument("--address", default="auto", help="the Ray cluster the run is on (default: auto)")
-    resize.set_defaults(func=cmd_scale)
-    from rlhf_ray.jobs.cli import add_job_commands
-
     from rlhf_ray.evaluation.cli import add_eval_commands
+    from rlhf_ray.jobs.cli import add_job_commands
     from rlhf_ray.labeling import add_label_commands
 
     add_job_commands(commands)

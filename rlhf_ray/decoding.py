@@ -191,9 +191,13 @@ class DecodeBatch:
         # as HF `generate` does
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.ready_mask = takes_ready_decode_mask(model)
-        self.refillable = preallocated_cache(model, 1) is not None
         self.device = next(model.parameters()).device
         self.rows, self.length = 0, 0  # rows and columns of the batch; 0 until `prefill`
+
+    @functools.cached_property
+    def refillable(self) -> bool:
+        """Whether rows can join once the batch has started (the model's cache layers are plain ones)."""
+        return preallocated_cache(self.model, 1) is not None
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -220,6 +224,7 @@ class DecodeBatch:
         self.next_position = lengths.to(self.device)  # (B,) position id of each row's next token
         self.rows, self.length = batch, width
         cache = preallocated_cache(self.model, self.capacity)
+        self.__dict__["refillable"] = cache is not None  # known now: `refillable` need not build a cache to tell
         logits, self.cache = self._forward(input_ids.to(self.device), prompt_mask.to(self.device),
                                            position_ids_from_mask(prompt_mask).to(self.device), cache)
         return logits

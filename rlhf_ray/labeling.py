@@ -29,7 +29,6 @@ half of one. Ties and unlabelled pairs are counted, not written.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from rlhf_ray.argtypes import non_negative_float, positive_float, positive_int
 from rlhf_ray.data import DataError, format_prompt, iter_rows, load_prompts, use_chat_template
 from rlhf_ray.rewards import RewardError, as_reward_function
 
@@ -346,27 +346,6 @@ def cmd_label(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
 def add_label_commands(subparsers) -> None:
     """Adds `label` to the `rlhf-ray` subparsers."""
     label = subparsers.add_parser(
@@ -382,10 +361,10 @@ def add_label_commands(subparsers) -> None:
                        help="the pairs file; read when it exists, else sampled into it "
                             "(default: <out stem>.pairs.jsonl beside --out, sampled every run)")
     label.add_argument("--prompt-field", default="prompt", help="the prompt field of --prompts (default: prompt)")
-    label.add_argument("--num-prompts", type=_positive_int, default=None, help="the first N prompts (default: all)")
-    label.add_argument("--max-new-tokens", type=_positive_int, default=16)
-    label.add_argument("--temperature", type=_positive_float, default=1.0)
+    label.add_argument("--num-prompts", type=positive_int, default=None, help="the first N prompts (default: all)")
+    label.add_argument("--max-new-tokens", type=positive_int, default=16)
+    label.add_argument("--temperature", type=positive_float, default=1.0)
     label.add_argument("--seed", type=int, default=0, help="the same seed gives the same pairs (default: 0)")
-    label.add_argument("--margin", type=_non_negative_float, default=0.0,
+    label.add_argument("--margin", type=non_negative_float, default=0.0,
                        help="scripted annotators: a score difference <= margin is a tie (default: 0.0)")
     label.set_defaults(func=cmd_label)

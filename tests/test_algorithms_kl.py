@@ -4,16 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_ray.algorithms import (
-    AdaptiveKLController,
-    FixedKLController,
-    kl_estimate,
-    kl_k1,
-    kl_k2,
-    kl_k3,
-    kl_penalized_rewards,
-    place_sequence_reward,
-)
+from rlhf_ray.algorithms import (AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2, kl_k3,
+                                 kl_penalized_rewards, place_sequence_reward)
 
 LOGP = torch.tensor([[-1.0, -2.0, -0.5]])
 REF_LOGP = torch.tensor([[-1.5, -1.0, -0.5]])

@@ -6,15 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_ray.algorithms import (
-    entropy_from_logits,
-    explained_variance,
-    kl_loss,
-    logprobs_from_logits,
-    masked_entropy,
-    policy_loss,
-    value_loss,
-)
+from rlhf_ray.algorithms import (entropy_from_logits, explained_variance, kl_loss, logprobs_from_logits,
+                                 masked_entropy, policy_loss, value_loss)
 
 NAN = float("nan")
 

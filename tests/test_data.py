@@ -271,16 +271,22 @@ def test_dataset_config_formats_prompts_with_a_tokenizer(chat_tokenizer, tmp_pat
 
 # ---------------------------------------------------------------- the shipped datasets
 
+def shipped_datasets(prefix: str) -> tuple[list, list, list, list]:
+    """The prompts, held-out prompts, SFT demonstrations and preference pairs of experiments/data whose file
+    names start with `prefix`; the held-out prompts are not training prompts."""
+    prompts = load_prompts(DATA_DIR / f"{prefix}prompts.jsonl")
+    heldout = load_prompts(DATA_DIR / f"{prefix}prompts_heldout.jsonl")
+    assert not {r.prompt for r in prompts} & {r.prompt for r in heldout}
+    return (prompts, heldout, load_sft(DATA_DIR / f"{prefix}sft.jsonl"),
+            load_preferences(DATA_DIR / f"{prefix}preferences.jsonl"))
+
+
 def test_shipped_toy_datasets_use_the_tiny_vocabulary_and_plant_the_preference():
     from envs.builtin import sentiment_score
     from rlhf_ray.models.tiny import VOCABULARY
 
-    prompts = load_prompts(DATA_DIR / "prompts.jsonl")
-    heldout = load_prompts(DATA_DIR / "prompts_heldout.jsonl")
-    sft = load_sft(DATA_DIR / "sft.jsonl")
-    pairs = load_preferences(DATA_DIR / "preferences.jsonl")
+    prompts, heldout, sft, pairs = shipped_datasets("")
     assert len(prompts) >= 200 and len(heldout) >= 50 and len(sft) >= 200 and len(pairs) >= 200
-    assert not {r.prompt for r in prompts} & {r.prompt for r in heldout}
     texts = [r.prompt for r in prompts + heldout] + [t for r in sft for t in (r.prompt, r.response)]
     texts += [t for r in pairs for t in (r.prompt, r.chosen, r.rejected)]
     assert set(" ".join(texts).split()) <= set(VOCABULARY)
@@ -290,12 +296,8 @@ def test_shipped_toy_datasets_use_the_tiny_vocabulary_and_plant_the_preference()
 
 
 def test_shipped_assistant_datasets_load():
-    pairs = load_preferences(DATA_DIR / "assistant_preferences.jsonl")
-    prompts = load_prompts(DATA_DIR / "assistant_prompts.jsonl")
-    heldout = load_prompts(DATA_DIR / "assistant_prompts_heldout.jsonl")
-    sft = load_sft(DATA_DIR / "assistant_sft.jsonl")
+    prompts, heldout, sft, pairs = shipped_datasets("assistant_")
     assert len(pairs) >= 150 and len(sft) >= 150 and len(prompts) >= 200 and len(heldout) >= 40
-    assert not {r.prompt for r in prompts} & {r.prompt for r in heldout}
     rude = tuple(make_data_module().RUDE_OPENERS)
     for r in pairs:  # chosen: polite and concise; rejected: rude, or rambling (over twice as long), or both
         assert not r.chosen.startswith(rude)

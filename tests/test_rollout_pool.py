@@ -2,6 +2,7 @@
 
 import copy
 import time
+from contextlib import contextmanager
 
 import pytest
 import ray
@@ -29,6 +30,19 @@ def policy(tiny_model_dir):
     return load_policy(tiny_model_dir)
 
 
+@contextmanager
+def running_pool(tiny_model_dir, workers, ready=True):
+    """A pool of `workers` over the tiny model (all of them started when `ready`), shut down when the block
+    ends."""
+    pool = make_pool(tiny_model_dir, workers)
+    try:
+        if ready:
+            pool.wait_ready(timeout=None)
+        yield pool
+    finally:
+        pool.shutdown()
+
+
 def make_pool(tiny_model_dir, workers):
     return RolloutPool(WorkerSpec(policy=str(tiny_model_dir), reward=REWARD, params=PARAMS, num_cpus=0.5),
                        num_workers=workers)
@@ -42,13 +56,9 @@ def prompts_and_seeds(tokenizer, n):
 def test_pool_returns_every_episode_once_as_one_sampler_would(local_ray, tiny_model_dir, policy):
     model, tokenizer = policy
     prompt_ids, seeds = prompts_and_seeds(tokenizer, 10)
-    pool = make_pool(tiny_model_dir, workers=3)
-    try:
-        pool.wait_ready(timeout=None)
+    with running_pool(tiny_model_dir, workers=3) as pool:
         pending = pool.submit(prompt_ids, seeds)
         episodes = pending.result()
-    finally:
-        pool.shutdown()
     # each chunk's timing comes back once, with its chunk, not copied into every episode
     assert sorted(c.worker_id for c in pending.chunks) == sorted({e.worker_id for e in episodes})
     assert sum(len(c.episodes) for c in pending.chunks) == 10 and all(c.generate_s > 0 for c in pending.chunks)
@@ -66,15 +76,12 @@ def test_after_a_sync_every_worker_holds_the_learner_weights(local_ray, tiny_mod
         for param in learner.parameters():  # tied weights stay tied, as the learner's would
             param.add_(0.01 * torch.randn_like(param))
     learner_weights = learner.state_dict()
-    pool = make_pool(tiny_model_dir, workers=2)
-    try:
+    with running_pool(tiny_model_dir, workers=2, ready=False) as pool:
         before = pool.weights_digests()
         pool.set_weights(learner_weights, version=1)
         after = pool.weights_digests()
         late = pool.add_worker()  # a worker that joins later catches up before its first chunk
         after_join = pool.weights_digests()
-    finally:
-        pool.shutdown()
     assert set(before.values()) == {state_dict_digest(model.state_dict())}
     assert set(after.values()) == {state_dict_digest(learner_weights)}
     assert after_join[late] == state_dict_digest(learner_weights)
@@ -83,15 +90,11 @@ def test_after_a_sync_every_worker_holds_the_learner_weights(local_ray, tiny_mod
 def test_dead_worker_prompts_are_requeued(local_ray, tiny_model_dir, policy):
     _, tokenizer = policy
     prompt_ids, seeds = prompts_and_seeds(tokenizer, 8)
-    pool = make_pool(tiny_model_dir, workers=2)
-    try:
-        pool.wait_ready(timeout=None)
+    with running_pool(tiny_model_dir, workers=2) as pool:
         reference = pool.generate(prompt_ids, seeds)
         ray.kill(pool.workers[next(iter(pool.workers))], no_restart=True)  # the pool does not know yet
         episodes = pool.generate(prompt_ids, seeds)
         assert pool.requeued_chunks == 1 and len(pool) == 1
-    finally:
-        pool.shutdown()
     assert [e.seed for e in episodes] == seeds  # every prompt once, in order
     assert [e.response_ids.tolist() for e in episodes] == [e.response_ids.tolist() for e in reference]
 
@@ -99,8 +102,7 @@ def test_dead_worker_prompts_are_requeued(local_ray, tiny_model_dir, policy):
 def test_workers_join_and_leave_between_calls(local_ray, tiny_model_dir, policy):
     _, tokenizer = policy
     prompt_ids, seeds = prompts_and_seeds(tokenizer, 6)
-    pool = make_pool(tiny_model_dir, workers=1)
-    try:
+    with running_pool(tiny_model_dir, workers=1, ready=False) as pool:
         one = pool.generate(prompt_ids, seeds)
         pool.add_worker()
         pool.wait_ready(timeout=None)
@@ -108,8 +110,6 @@ def test_workers_join_and_leave_between_calls(local_ray, tiny_model_dir, policy)
         pool.remove_worker()
         again = pool.generate(prompt_ids, seeds)
         assert len(pool) == 1
-    finally:
-        pool.shutdown()
     assert len({e.worker_id for e in two}) == 2
     tokens = [[e.response_ids.tolist() for e in batch] for batch in (one, two, again)]
     assert tokens[0] == tokens[1] == tokens[2]

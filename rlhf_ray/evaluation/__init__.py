@@ -13,16 +13,10 @@ Names are imported on first use, so adding the command to the parser does not im
 function `evaluate` is imported from its module, `rlhf_ray.evaluation.evaluate`, whose name it shares.
 """
 
+from rlhf_ray.lazy import lazy_exports
+
 _EXPORTS = {
     "add_eval_commands": "cli", "EvalResult": "evaluate", "Sample": "evaluate",
     "text_overlap": "evaluate", "read_metrics": "report", "write_report": "report",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"rlhf_ray.evaluation.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'rlhf_ray.evaluation' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -19,12 +19,12 @@ a malformed data line), printed as one line; 2 a configuration error (by `rlhf_r
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_ray.argtypes import positive_int
 from rlhf_ray.config import RunConfig, load_config
 
 EXIT_FAILED = 1
@@ -234,16 +234,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_eval_commands(commands) -> None:
     """Add `eval` to the subparsers of `rlhf-ray`."""
     parser = commands.add_parser(
@@ -266,12 +256,12 @@ def add_eval_commands(commands) -> None:
     parser.add_argument("--judge", default=None, metavar="RM_OR_FUNCTION",
                         help="reward-model folder or module:function deciding the win rate "
                              "(default: the config's reward-model component, else the total reward)")
-    parser.add_argument("--num-prompts", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--num-prompts", type=positive_int, default=None, metavar="N",
                         help="evaluate the first N prompts (default: all)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="T",
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="T",
                         help="response token budget (default: rollout.max_new_tokens)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
-    parser.add_argument("--samples", type=_positive_int, default=8, metavar="K",
+    parser.add_argument("--samples", type=positive_int, default=8, metavar="K",
                         help="sample responses shown in the report (default 8; all are in eval.json)")
     parser.add_argument("--device", default="cpu", help="torch device for the models (default cpu)")
     parser.add_argument("--out", default=None, metavar="DIR",

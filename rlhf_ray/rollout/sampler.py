@@ -174,9 +174,11 @@ class Sampler:
             record.tokens(episodes[live], steps[live], row_tokens[live], logprobs[record.on_device(live)])
             _, step_rewards, terminated, truncated, infos = env.step(slots.advance(live, row_tokens, record.pad_id))
             finished = np.flatnonzero(terminated | truncated)  # env slots
-            for slot in finished:
-                record.finish(slots.episode[slot], slots.step[slot], step_rewards[slot], terminated[slot], infos, slot)
-            batch.retire(slots.finish(finished))
+            if finished.size:
+                for slot in finished:
+                    record.finish(slots.episode[slot], slots.step[slot], step_rewards[slot], terminated[slot],
+                                  infos, slot)
+                batch.retire(slots.finish(finished))
             if slots.all_started() and slots.drop_ended():  # no prompt left, half the rows idle: go on without them
                 if not slots.row_slot.size:
                     break
@@ -196,6 +198,9 @@ class Sampler:
         episodes = self.generate(prompt_ids[first:first + size], seeds[first:first + size])
         self.last_reward_s += spent
         return episodes
+
+
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 class _Slots:
@@ -242,7 +247,9 @@ class _Slots:
         return True
 
     def start_next(self) -> tuple[np.ndarray, np.ndarray]:
-        """Give the rows without an episode the next episodes: (rows, episodes), both empty when none."""
+        """Give the rows without an episode the next episodes: (rows, episodes), both empty when none is free."""
+        if self.queued == self.total:
+            return _NONE, _NONE
         free = np.flatnonzero(self.episode[self.row_slot] < 0)[: self.total - self.queued]
         started = np.arange(self.queued, self.queued + len(free))
         self.queued += len(free)

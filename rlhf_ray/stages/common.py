@@ -9,12 +9,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ray
+import torch
 
 from rlhf_ray.config import RunConfig, StageConfig
-from rlhf_ray.learner.distributed import get_rank, get_world_size
+from rlhf_ray.learner.distributed import get_rank, get_world_size, use_worker_cpus
 from rlhf_ray.learner.engine import EngineConfig, learner_engine_config
 from rlhf_ray.learner.launch import describe_failure, learner_group
 from rlhf_ray.models.folders import save_hf_folder
+from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
 
 SUMMARY = "summary.json"  # written last into a stage's folder before it is renamed into place
 
@@ -25,6 +27,17 @@ class StageError(RuntimeError):
 
 def stage_complete(path: Path) -> bool:
     return (Path(path) / SUMMARY).is_file()
+
+
+def start_stage(loop_config: dict, name: str) -> tuple[RunConfig, StageConfig, Path, Path, object]:
+    """What a stage's learner rank starts from: the run configuration, the stage's own (`name`), its output
+    folder, the base model's folder and its tokenizer; the seed and the rank's CPU threads are set."""
+    config = RunConfig.model_validate(loop_config["config"])
+    stage = getattr(config, name)
+    torch.manual_seed(config.seed)
+    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
+    base = resolve_model_path(config.expand(stage.base))
+    return config, stage, Path(loop_config["out"]), base, load_tokenizer(base)
 
 
 def split_records(records: Sequence, eval_fraction: float, seed: int) -> tuple[list, list]:

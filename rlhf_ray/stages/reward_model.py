@@ -13,19 +13,18 @@ and the scorer standardises by them. Held-out pair accuracy is measured before a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from rlhf_ray.config import RunConfig
-from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, global_mean, use_worker_cpus
+from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, global_mean
 from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
-from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards.reward_model import STATS_FILE, join_prompt_response
-from rlhf_ray.stages.common import StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config
+from rlhf_ray.stages.common import (
+    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage,
+)
 
 
 def load_reward_model(path, dtype: torch.dtype, pad_token_id: int):
@@ -65,12 +64,7 @@ def evaluate_pairs(engine, tokenizer, pairs, max_length: int, batch_size: int) -
 
 
 def reward_model_loop(loop_config: dict) -> None:
-    config = RunConfig.model_validate(loop_config["config"])
-    stage, out = config.reward_model, Path(loop_config["out"])
-    torch.manual_seed(config.seed)
-    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
-    base = resolve_model_path(config.expand(stage.base))
-    tokenizer = load_tokenizer(base)
+    config, stage, out, base, tokenizer = start_stage(loop_config, "reward_model")
     tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
     records = stage.data.load_preferences(tokenizer)
     train, heldout = split_records(records, stage.eval_fraction, config.seed)

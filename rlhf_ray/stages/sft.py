@@ -9,18 +9,16 @@ log-likelihood PPO later starts from. Held-out loss is measured before training 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_ray.config import RunConfig
-from rlhf_ray.learner.distributed import get_rank, global_mean, global_token_mean_loss, use_worker_cpus
+from rlhf_ray.learner.distributed import get_rank, global_mean, global_token_mean_loss
 from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
-from rlhf_ray.models import load_tokenizer, resolve_model_path
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
-from rlhf_ray.stages.common import StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config
+from rlhf_ray.stages.common import (
+    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage,
+)
 
 
 def tokenize_demonstrations(records, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -58,12 +56,7 @@ def heldout_loss(engine, pairs, pad_id: int, batch_size: int) -> float:
 
 
 def sft_loop(loop_config: dict) -> None:
-    config = RunConfig.model_validate(loop_config["config"])
-    stage, out = config.sft, Path(loop_config["out"])
-    torch.manual_seed(config.seed)
-    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
-    base = resolve_model_path(config.expand(stage.base))
-    tokenizer = load_tokenizer(base)
+    config, stage, out, base, tokenizer = start_stage(loop_config, "sft")
     pairs = tokenize_demonstrations(stage.data.load_sft(tokenizer), tokenizer, stage.max_length)
     train, heldout = split_records(pairs, stage.eval_fraction, config.seed)
     engine_cfg = stage_engine_config(stage, config)
