@@ -5,12 +5,22 @@
 * `kl`: per-token KL estimators (k1, k2, k3), the KL-penalised reward, KL controllers.
 * `advantages`: GAE, GRPO and RLOO advantages.
 * `losses`: PPO policy and value losses, KL loss, log-probs and entropy from logits, explained variance.
+* `critic_free`: what Dr.GRPO, DAPO, GSPO and REINFORCE++ add: loss aggregation modes, informative groups,
+  the overlong penalty, GSPO's sequence-level loss, REINFORCE++ advantages.
 
 Tensors are per response token, (B, T), with a response mask (B, T) that is 1 for real response
 tokens and 0 for padding and tokens after EOS.
 """
 
 from rlhf_ray.algorithms.advantages import broadcast_to_tokens, gae, grpo_advantages, rloo_advantages
+from rlhf_ray.algorithms.critic_free import (
+    LossAggregation,
+    aggregate_token_losses,
+    gspo_policy_loss,
+    informative_groups,
+    overlong_penalty,
+    reinforce_pp_advantages,
+)
 from rlhf_ray.algorithms.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -44,12 +54,16 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KLEstimator",
+    "LossAggregation",
     "SumReduce",
+    "aggregate_token_losses",
     "broadcast_to_tokens",
     "entropy_from_logits",
     "explained_variance",
     "gae",
     "grpo_advantages",
+    "gspo_policy_loss",
+    "informative_groups",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
@@ -63,8 +77,10 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "place_sequence_reward",
     "policy_loss",
+    "reinforce_pp_advantages",
     "rloo_advantages",
     "value_loss",
 ]

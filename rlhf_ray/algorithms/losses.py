@@ -68,11 +68,14 @@ def policy_loss(
     dual_clip: float | None = None,
     behaviour_logp: torch.Tensor | None = None,
     behaviour_weight_cap: float = 2.0,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate, token-level masked mean over the batch.
 
     logp (B, T) from the policy being trained; old_logp (B, T) the behaviour log-probs recorded at
-    sampling time; advantages (B, T). dual_clip: c > 1 caps the loss at −A·c where A < 0.
+    sampling time; advantages (B, T). The ratio is clipped to [1 − clip_eps, 1 + clip_eps_high]
+    (`clip_eps_high` None: clip_eps; DAPO's decoupled "clip-higher" lets unlikely tokens with A > 0
+    grow further). dual_clip: c > 1 caps the loss at −A·c where A < 0.
     Returns (loss, stats) with detached scalars `clipfrac`, `approxkl`, `ratio_mean`, and
     `dual_clipfrac` when dual_clip is set.
 
@@ -90,7 +93,8 @@ def policy_loss(
     advantages = _fill_masked(advantages, m)
     ratio = torch.exp(log_ratio)  # (B, T) ρ
     pg_losses = -advantages * ratio  # (B, T)
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)  # (B, T)
     losses = torch.maximum(pg_losses, pg_losses_clipped)  # (B, T)
     stats = {"clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(logp.dtype), m)}
     if dual_clip is not None:
