@@ -75,3 +75,19 @@ def test_cli_config_error_exits_2_naming_the_key(tmp_path):
     assert "unknown key 'rollout.batch_sise'" in proc.stderr
     assert "did you mean 'rollout.batch_size'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_critic_free_choices_are_checked_together(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    config = load_config(path, ["ppo.advantage_estimator=dr_grpo", "ppo.group_size=4", "rollout.batch_size=8",
+                                "ppo.loss_aggregation=seq-mean-token-sum-norm", "ppo.clip_eps_high=0.28"])
+    assert config.ppo.advantage_estimator == "dr_grpo" and config.ppo.clip_eps_high == 0.28
+    with pytest.raises(ConfigError, match="needs group_size >= 2"):
+        load_config(path, ["ppo.advantage_estimator=dr_grpo"])
+    with pytest.raises(ConfigError, match="gspo.*needs a group estimator"):
+        load_config(path, ["ppo.policy_loss=gspo"])
+    with pytest.raises(ConfigError, match="rollout.overlap false"):
+        load_config(path, ["ppo.policy_loss=gspo", "ppo.advantage_estimator=rloo", "ppo.group_size=2",
+                           "rollout.overlap=true"])
+    with pytest.raises(ConfigError, match="loss_aggregation"):
+        load_config(path, ["ppo.loss_aggregation=sum"])

@@ -46,11 +46,27 @@ def models():
     return actor, critic, reference, tokenizer
 
 
-def one_update(actor, critic, reference, episodes, pad_id, reducer, max_tokens=None):
-    experience, rollout_stats = make_experience(episodes, actor, critic, reference, PPO, PPO.kl.coef,
+# The critic-free family (no critic): each with a loss aggregation that weighs sequences, not tokens, so that
+# the per-sequence weights have to add up over micro-batches and ranks as the token weights do
+CRITIC_FREE = {
+    "grpo_seq_mean": PPOConfig(advantage_estimator="grpo", group_size=2, epochs=2, minibatch_size=8,
+                               kl={"coef": 0.1}, loss_aggregation="seq-mean-token-mean"),
+    "dr_grpo_sum_norm": PPOConfig(advantage_estimator="dr_grpo", group_size=2, epochs=2, minibatch_size=8,
+                                  kl={"coef": 0.1}, loss_aggregation="seq-mean-token-sum-norm",
+                                  whiten_advantages=False, clip_eps_high=0.28),
+    "rloo_gspo": PPOConfig(advantage_estimator="rloo", group_size=2, epochs=2, minibatch_size=8, kl={"coef": 0.1},
+                           policy_loss="gspo", clip_eps=0.05, clip_eps_high=0.08),
+    "reinforce_pp_seq_sum": PPOConfig(epochs=2, minibatch_size=8, kl={"coef": 0.1}, advantage_estimator="reinforce_pp",
+                                      loss_aggregation="seq-mean-token-sum"),
+}
+NORM_LENGTH = 10  # the episodes' max_new_tokens
+
+
+def one_update(actor, critic, reference, episodes, pad_id, reducer, max_tokens=None, ppo=PPO):
+    experience, rollout_stats = make_experience(episodes, actor, critic, reference, ppo, ppo.kl.coef,
                                                 TEMPERATURE, pad_id, reducer, max_tokens)
-    stats = ppo_update(actor, critic, experience, PPO, PPO.kl.coef, TEMPERATURE,
-                       torch.Generator().manual_seed(reducer.rank), reducer, max_tokens)
+    stats = ppo_update(actor, critic, experience, ppo, ppo.kl.coef, TEMPERATURE,
+                       torch.Generator().manual_seed(reducer.rank), reducer, max_tokens, NORM_LENGTH)
     return {**rollout_stats, **stats}
 
 
@@ -61,27 +77,33 @@ def sharded_update(config: dict) -> dict:
 
     reducer = DistributedReducer()
     cfg = EngineConfig(zero_stage=config["zero_stage"], **ENGINE)
+    ppo = config.get("ppo", PPO)
     actor, critic, reference, tokenizer = models()
-    actor = create_engine(actor, cfg, train_batch_size=PPO.minibatch_size)
-    critic = create_engine(critic, cfg, train_batch_size=PPO.minibatch_size)
+    actor = create_engine(actor, cfg, train_batch_size=ppo.minibatch_size)
+    critic = (create_engine(critic, cfg, train_batch_size=ppo.minibatch_size) if ppo.advantage_estimator == "gae"
+              else None)
     reference = create_reference_engine(reference, cfg)
     episodes = config["episodes"]
     half = len(episodes) // NUM_WORKERS
     stats = one_update(actor, critic, reference, episodes[reducer.rank * half:(reducer.rank + 1) * half],
-                       tokenizer.pad_token_id, reducer, config["max_tokens"][reducer.rank])
-    actor_state, critic_state = gather_full_state_dict(actor), gather_full_state_dict(critic)
+                       tokenizer.pad_token_id, reducer, config["max_tokens"][reducer.rank], ppo)
+    actor_state = gather_full_state_dict(actor)
+    critic_state = gather_full_state_dict(critic) if critic is not None else {}
     if reducer.rank == 0:
         torch.save({"actor": actor_state, "critic": critic_state, "stats": stats}, config["out"])
     return stats
 
 
-def single_process_update(episodes, max_tokens=None, reducer=Reducer()):
+def single_process_update(episodes, max_tokens=None, reducer=Reducer(), ppo=PPO):
     actor, critic, reference, tokenizer = models()
     cfg = EngineConfig(**ENGINE)
     actor_engine = TorchEngine(actor, make_optimizer(actor, cfg), cfg.max_grad_norm)
-    critic_engine = TorchEngine(critic, make_optimizer(critic, cfg), cfg.max_grad_norm)
-    stats = one_update(actor_engine, critic_engine, reference, episodes, tokenizer.pad_token_id, reducer, max_tokens)
-    return actor.state_dict(), critic.state_dict(), stats
+    critic_engine = None
+    if ppo.advantage_estimator == "gae":
+        critic_engine = TorchEngine(critic, make_optimizer(critic, cfg), cfg.max_grad_norm)
+    stats = one_update(actor_engine, critic_engine, reference, episodes, tokenizer.pad_token_id, reducer, max_tokens,
+                       ppo)
+    return actor.state_dict(), critic.state_dict() if critic_engine else {}, stats
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +163,30 @@ def test_micro_batched_update_equals_the_one_pass_update(episodes, reference_upd
         assert micro_stats[name] == pytest.approx(stats[name], rel=1e-4, abs=1e-6), name
 
 
+@pytest.mark.parametrize("name", sorted(CRITIC_FREE))
+def test_critic_free_micro_batched_update_equals_the_one_pass_update(episodes, name):
+    """Sequence-weighted losses over token-budget micro-batches (and empty passes another rank needs) add up to
+    the one-pass update."""
+    ppo = CRITIC_FREE[name]
+    actor_state, _, stats = single_process_update(episodes, ppo=ppo)
+    micro_actor, _, micro_stats = single_process_update(episodes, max_tokens=24, reducer=MaxOver(10), ppo=ppo)
+    initial, _ = build_tiny_model("gpt2", seed=0)
+    assert max((actor_state[k] - v).abs().max().item() for k, v in initial.state_dict().items()) > 1e-4
+    for key, expected in actor_state.items():
+        torch.testing.assert_close(micro_actor[key], expected, atol=2e-5, rtol=1e-4, msg=key)
+    for key in ("policy/loss", "objective/kl", "policy/approxkl"):
+        assert micro_stats[key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), key
+
+
 # (None, None): each minibatch in one pass; (100, 13): rank 0 needs one pass per minibatch, rank 1 four, so
 # rank 0 splits its minibatch to pair up with rank 1
-@pytest.mark.parametrize("zero_stage,max_tokens", [(2, (None, None)), (3, (None, None)), (2, (100, 13)),
-                                                   (3, (100, 13))])
+# "grpo_seq_mean": a critic-free update whose policy loss is a mean over sequences, over ranks that hold
+# different numbers of tokens and split their minibatches differently
+@pytest.mark.parametrize("zero_stage,max_tokens,ppo_name", [(2, (None, None), None), (3, (None, None), None),
+                                                            (2, (100, 13), None), (3, (100, 13), None),
+                                                            (2, (100, 13), "grpo_seq_mean")])
 def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes, reference_update,
-                                                             zero_stage, max_tokens, tmp_path):
+                                                             zero_stage, max_tokens, ppo_name, tmp_path):
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -155,14 +195,18 @@ def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes
     out = tmp_path / "update.pt"
     TorchTrainer(
         sharded_update,
-        train_loop_config={"zero_stage": zero_stage, "episodes": episodes, "out": str(out), "max_tokens": max_tokens},
+        train_loop_config={"zero_stage": zero_stage, "episodes": episodes, "out": str(out), "max_tokens": max_tokens,
+                           "ppo": CRITIC_FREE[ppo_name] if ppo_name else PPO},
         scaling_config=ScalingConfig(num_workers=NUM_WORKERS, use_gpu=False),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name="ppo", storage_path=str(tmp_path / "ray_results"),
                              worker_runtime_env={"env_vars": deepspeed_worker_env(use_gpu=False)}),
     ).fit()
     sharded = torch.load(out)
-    actor_state, critic_state, stats = reference_update
+    if ppo_name is None:
+        actor_state, critic_state, stats = reference_update
+    else:
+        actor_state, critic_state, stats = single_process_update(episodes, ppo=CRITIC_FREE[ppo_name])
 
     initial, _ = build_tiny_model("gpt2", seed=0)
     moved = max((actor_state[k] - v).abs().max().item() for k, v in initial.state_dict().items())
@@ -172,4 +216,5 @@ def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes
     for name, expected in critic_state.items():
         torch.testing.assert_close(sharded["critic"][name], expected, atol=2e-5, rtol=1e-4, msg=name)
     for name in ("policy/loss", "val/vf_loss", "objective/kl", "rollout/reward_mean", "policy/approxkl"):
-        assert sharded["stats"][name] == pytest.approx(stats[name], rel=1e-4, abs=1e-6), name
+        if name in stats or name in sharded["stats"]:
+            assert sharded["stats"][name] == pytest.approx(stats[name], rel=1e-4, abs=1e-6), name

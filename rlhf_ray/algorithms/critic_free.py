@@ -76,7 +76,7 @@ def gspo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
 
     logp, old_logp (B, T); advantages (B,) one per sequence (a group baseline's). The default clip range is
     the paper's: sequence ratios stay far closer to 1 than token ratios. Returns (loss, stats) with the
-    fraction of sequences clipped and the mean sequence ratio."""
+    fraction of sequences clipped, the mean sequence ratio and the token-level approximate KL."""
     m = _check_mask(logp, mask)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     log_ratio = torch.where(m, logp - old_logp, zero).sum(-1) / m.sum(-1).clamp(min=1)  # (B,)
@@ -84,7 +84,11 @@ def gspo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     loss = torch.maximum(unclipped, clipped).mean()
-    stats = {"clipfrac": (clipped > unclipped).to(logp.dtype).mean(), "ratio_mean": ratio.mean()}
+    token_log_ratio = torch.where(m, logp - old_logp, zero)
+    stats = {"clipfrac": (clipped > unclipped).to(logp.dtype).mean(), "ratio_mean": ratio.mean(),
+             # the token-level approximate KL (http://joschu.net/blog/kl-approx.html), as PPO's loss reports
+             "approxkl": (torch.where(m, token_log_ratio.exp() - 1 - token_log_ratio, zero).sum()
+                          / m.sum().clamp(min=1))}
     return loss, {name: value.detach() for name, value in stats.items()}
 
 

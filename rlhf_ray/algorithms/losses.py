@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_ray.algorithms.critic_free import LossAggregation, aggregate_token_losses
 from rlhf_ray.algorithms.kl import KLEstimator, kl_estimate
 from rlhf_ray.algorithms.masked import _check_mask, masked_mean, masked_var
 
@@ -69,8 +70,11 @@ def policy_loss(
     behaviour_logp: torch.Tensor | None = None,
     behaviour_weight_cap: float = 2.0,
     clip_eps_high: float | None = None,
+    aggregation: LossAggregation = "token-mean",
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, token-level masked mean over the batch.
+    """PPO clipped surrogate; its per-token terms are aggregated as `aggregation` says (default the
+    token-level masked mean over the batch; see `critic_free.aggregate_token_losses`).
 
     logp (B, T) from the policy being trained; old_logp (B, T) the behaviour log-probs recorded at
     sampling time; advantages (B, T). The ratio is clipped to [1 − clip_eps, 1 + clip_eps_high]
@@ -107,7 +111,7 @@ def policy_loss(
         weights = torch.exp(_fill_masked(old_logp - behaviour_logp, m)).clamp(max=behaviour_weight_cap).detach()
         losses = losses * weights
         stats["behaviour_weight_mean"] = masked_mean(weights, m)
-    loss = masked_mean(losses, m)
+    loss = aggregate_token_losses(losses, m, aggregation, norm_length)
     with torch.no_grad():
         # approx KL http://joschu.net/blog/kl-approx.html
         stats["approxkl"] = masked_mean((ratio - 1) - log_ratio, m)

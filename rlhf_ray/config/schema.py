@@ -130,12 +130,27 @@ class KLConfig(_Section):
     in_reward: bool = True  # True: -beta*KL per token in the reward; False: a KL loss term (GRPO style)
 
 
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # advantages from a baseline over each prompt's group
+
+
 class PPOConfig(_Section):
-    advantage_estimator: Literal["gae", "grpo", "rloo"] = "gae"  # grpo/rloo run without a critic
-    group_size: int = Field(1, ge=1)  # responses sampled per prompt (grpo/rloo need >= 2)
+    # gae: a critic; grpo, dr_grpo (GRPO without the std division), rloo: a group baseline; reinforce_pp:
+    # REINFORCE++, the return-to-go of the KL-penalised rewards whitened over the batch (no critic, no groups)
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    group_size: int = Field(1, ge=1)  # responses sampled per prompt (the group estimators need >= 2)
     epochs: int = Field(4, ge=1)  # PPO epochs over one rollout batch
     minibatch_size: int = Field(8, ge=1)  # episodes per optimizer step, over all learner ranks
+    # ppo: token ratios clipped to [1 - clip_eps, 1 + (clip_eps_high or clip_eps)]; gspo: one ratio per sequence
+    # (the geometric mean of its token ratios) clipped to the same range, which the GSPO paper sets far
+    # narrower (clip_eps 3e-4, clip_eps_high 4e-4); gspo needs a group estimator
+    policy_loss: Literal["ppo", "gspo"] = "ppo"
     clip_eps: float = Field(0.2, gt=0.0)
+    clip_eps_high: float | None = Field(None, gt=0.0)  # DAPO's clip-higher (0.28 in the paper); None: clip_eps
+    # how the policy loss's per-token terms become one number (veRL's names; see algorithms/critic_free.py):
+    # token-mean | seq-mean-token-mean (GRPO's paper) | seq-mean-token-sum | seq-mean-token-sum-norm (Dr.GRPO:
+    # each sequence's sum divided by rollout.max_new_tokens). Over all ranks and micro-batches of a minibatch.
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                              "seq-mean-token-sum-norm"] = "token-mean"
     dual_clip: float | None = Field(None, gt=1.0)
     # overlapped rollouts (rollout.overlap): each token's loss is weighted by pi_learner / pi_sampler, at most this
     behaviour_weight_cap: float = Field(2.0, ge=1.0)
@@ -151,8 +166,11 @@ class PPOConfig(_Section):
 
     @model_validator(mode="after")
     def _groups_for_critic_free(self) -> "PPOConfig":
-        if self.advantage_estimator in ("grpo", "rloo") and self.group_size < 2:
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.group_size < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator!r} needs group_size >= 2")
+        if self.policy_loss == "gspo" and self.advantage_estimator not in GROUP_ESTIMATORS:
+            raise ValueError(f"policy_loss 'gspo' weighs whole sequences: it needs a group estimator "
+                             f"({', '.join(GROUP_ESTIMATORS)}), not {self.advantage_estimator!r}")
         return self
 
 
@@ -255,4 +273,7 @@ class RunConfig(_Section):
         if self.ppo.minibatch_size % self.learner.num_workers:
             raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "
                              f"learner.num_workers ({self.learner.num_workers})")
+        if self.ppo.policy_loss == "gspo" and self.rollout.overlap:
+            raise ValueError("ppo.policy_loss 'gspo' has no correction for episodes a policy version old: "
+                             "set rollout.overlap false")
         return self

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from rlhf_ray.algorithms import (
-    broadcast_to_tokens, explained_variance, gae, grpo_advantages, kl_estimate, kl_loss,
-    kl_penalized_rewards, logprobs_from_logits, masked_entropy, masked_whiten, policy_loss, rloo_advantages,
-    value_loss,
+    broadcast_to_tokens, explained_variance, gae, grpo_advantages, gspo_policy_loss, kl_estimate, kl_loss,
+    kl_penalized_rewards, logprobs_from_logits, masked_entropy, masked_whiten, policy_loss,
+    reinforce_pp_advantages, rloo_advantages, value_loss,
 )
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.learner.distributed import Reducer
@@ -172,17 +172,22 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     kl_cfg = cfg.kl
     kl = torch.where(mask.bool(), kl_estimate(old_logprobs, ref_logprobs, kl_cfg.estimator), 0.0)  # (B, R)
     values = returns = None
-    if cfg.advantage_estimator == "gae":
-        # with the KL as a loss term (in_reward false) the reward is the score alone
-        reward_kl_coef = kl_coef if kl_cfg.in_reward else 0.0
+    # with the KL as a loss term (in_reward false) the reward is the score alone
+    reward_kl_coef = kl_coef if kl_cfg.in_reward else 0.0
+    if cfg.advantage_estimator in ("gae", "reinforce_pp"):
         rewards, _ = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, kl_cfg.estimator)
-        values = critic_values  # (B, R)
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.advantage_estimator == "gae":
+            values = critic_values  # (B, R)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        else:  # REINFORCE++: whitened over the whole batch already
+            advantages = reinforce_pp_advantages(rewards, mask, reduce=reducer.sum)
     else:
-        sequence_returns = scores - (kl_coef * kl.sum(-1) if kl_cfg.in_reward else 0.0)  # (B,)
-        estimator = grpo_advantages if cfg.advantage_estimator == "grpo" else rloo_advantages
-        advantages = broadcast_to_tokens(estimator(sequence_returns, group_size=cfg.group_size), mask)
-    if cfg.whiten_advantages:
+        sequence_returns = scores - reward_kl_coef * kl.sum(-1)  # (B,)
+        estimator = {"grpo": grpo_advantages, "rloo": rloo_advantages,
+                     "dr_grpo": lambda r, group_size: grpo_advantages(r, group_size, scale_by_std=False)}
+        sequence_advantages = estimator[cfg.advantage_estimator](sequence_returns, group_size=cfg.group_size)
+        advantages = broadcast_to_tokens(sequence_advantages, mask)
+    if cfg.whiten_advantages and cfg.advantage_estimator != "reinforce_pp":
         advantages = masked_whiten(advantages, mask, shift_mean=True, reduce=reducer.sum)
 
     count = len(episodes)
@@ -205,15 +210,21 @@ def _device_of(engine) -> torch.device:
 
 
 def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: float, temperature: float,
-               generator: torch.Generator, reducer: Reducer = Reducer(), max_tokens: int | None = None) -> dict:
+               generator: torch.Generator, reducer: Reducer = Reducer(), max_tokens: int | None = None,
+               norm_length: int | None = None) -> dict:
     """`cfg.epochs` passes of clipped PPO over shuffled minibatches; returns mean statistics.
 
     `cfg.minibatch_size` counts episodes over all ranks; each rank takes its share of its shard, in
     micro-batches of at most `max_tokens` padded tokens (`micro_batches`), whose gradients add up
-    before the one optimizer step of the minibatch. The losses are token means over the *global*
-    minibatch: each micro-batch scales its token mean by (its tokens x ranks / global tokens) before
-    the engines average gradients over ranks.
+    before the one optimizer step of the minibatch. The losses are means over the *global* minibatch:
+    each micro-batch scales its mean by (its units x ranks / global units) before the engines average
+    gradients over ranks, where the units are tokens for token means (the value, KL and entropy terms, and
+    the policy loss under `token-mean`) and sequences for the policy loss's sequence means
+    (`cfg.loss_aggregation` seq-mean-*, and GSPO). `norm_length`: the constant of seq-mean-token-sum-norm
+    (the generation budget).
     """
+    aggregation = "seq-mean-token-mean" if cfg.policy_loss == "gspo" else cfg.loss_aggregation
+    per_sequence = aggregation != "token-mean"
     local_minibatch = cfg.minibatch_size // reducer.world_size
     if len(experience) % local_minibatch:
         raise ValueError(f"{len(experience)} episodes on this rank do not split into minibatches of {local_minibatch}")
@@ -226,26 +237,34 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
             rows = index.to(experience.mask.device)
             local_tokens = experience.mask[rows].sum()
             global_tokens = reducer.sum(local_tokens.detach().clone())
+            global_sequences = reducer.sum(torch.tensor(float(len(rows)), dtype=local_tokens.dtype))
             groups = micro_batches(experience.batch.prompt_lengths()[rows].cpu().numpy(),
                                    experience.mask[rows].sum(-1).long().cpu().numpy(), max_tokens, reducer)
             sums: dict[str, torch.Tensor] = {}  # token-weighted sums of this rank's statistics
             for micro_rows, weight in micro_batch_rows([index.numpy()[group] for group in groups], rows.device):
                 mb = experience.select(micro_rows)
                 mask = mb.mask
-                tokens = mask.sum() * weight
+                tokens, sequences = mask.sum() * weight, len(micro_rows) * weight
                 scale = tokens * reducer.world_size / global_tokens
+                pg_scale = sequences * reducer.world_size / global_sequences if per_sequence else scale
 
                 # Policy loss
                 logits = response_logits(actor, mb.batch, temperature)  # (b, r, V)
                 logprobs = logprobs_from_logits(logits, mb.batch.response_ids)  # logits are already / temperature
-                pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, cfg.clip_eps,
-                                                cfg.dual_clip, mb.behaviour_logprobs, cfg.behaviour_weight_cap)
+                if cfg.policy_loss == "gspo":  # a group estimator's advantage: the same on every token of a row
+                    sequence_advantages = (mb.advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+                    pg_loss, pg_stats = gspo_policy_loss(logprobs, mb.old_logprobs, sequence_advantages, mask,
+                                                         cfg.clip_eps, cfg.clip_eps_high or cfg.clip_eps)
+                else:
+                    pg_loss, pg_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, cfg.clip_eps,
+                                                    cfg.dual_clip, mb.behaviour_logprobs, cfg.behaviour_weight_cap,
+                                                    cfg.clip_eps_high, aggregation, norm_length)
                 entropy = masked_entropy(logits, mask)
-                loss = pg_loss - cfg.entropy_coef * entropy
+                loss = -cfg.entropy_coef * entropy
                 if not cfg.kl.in_reward:
                     loss = loss + kl_coef * kl_loss(logprobs, mb.ref_logprobs, mask, cfg.kl.estimator)
                 del logits
-                actor.backward(loss * scale)
+                actor.backward(pg_loss * pg_scale + loss * scale)
                 step_stats = {"policy/loss": pg_loss.detach(), "objective/entropy": entropy.detach(),
                               "policy/clipfrac": pg_stats["clipfrac"], "policy/approxkl": pg_stats["approxkl"],
                               "policy/ratio_mean": pg_stats["ratio_mean"]}
@@ -259,13 +278,16 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
                     critic.backward(cfg.vf_coef * vf_loss * scale)
                     step_stats.update({"val/vf_loss": vf_loss.detach(), "val/clipfrac": vf_stats["vf_clipfrac"]})
                 for name, value in step_stats.items():
-                    sums[name] = sums.get(name, 0.0) + value * tokens
+                    # the policy loss of a sequence aggregation is a mean over sequences: weigh it so
+                    units = sequences if per_sequence and name == "policy/loss" else tokens
+                    sums[name] = sums.get(name, 0.0) + value * units
             actor.step()
             if critic is not None:
                 critic.step()
 
-            for name, value in sums.items():  # token-weighted means over the global minibatch
-                totals[name] = totals.get(name, 0.0) + reducer.mean(value, local_tokens)
+            for name, value in sums.items():  # token- (or sequence-) weighted means over the global minibatch
+                count = len(rows) if per_sequence and name == "policy/loss" else local_tokens
+                totals[name] = totals.get(name, 0.0) + reducer.mean(value, count)
             steps += 1
     stats = {name: total / steps for name, total in totals.items()}
     if experience.values is not None:

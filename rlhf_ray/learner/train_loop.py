@@ -168,7 +168,7 @@ def train_on(learner: Learner, episodes: list, policy_version: int, times: dict)
                                               max_tokens, proximal=staleness > 0)
     with timed(times, "perf/update_s"):
         metrics.update(ppo_update(learner.actor, learner.critic, experience, config.ppo, kl_coef, temperature,
-                                  learner.generator, learner.reducer, max_tokens))
+                                  learner.generator, learner.reducer, max_tokens, config.rollout.max_new_tokens))
     learner.kl_controller.update(metrics["objective/kl"], n_steps=len(episodes))
     tokens = int(learner.reducer.sum(experience.batch.attention_mask.sum())) * config.ppo.epochs
     return metrics, staleness, tokens
