@@ -75,6 +75,24 @@ def takes_ready_decode_mask(model) -> bool:
             and getattr(config, "model_type", None) in PLAIN_CAUSAL_MASK_MODEL_TYPES)
 
 
+def moved_columns(old: torch.Tensor, dim: int, capacity: int, first: int, length: int,
+                  after: int | None = None) -> torch.Tensor:
+    """A copy of the first `length` columns (along `dim`) of `old` in a tensor of `capacity` columns whose
+    column 0 is the old column `first`: a positive `first` forgets the columns before it, a negative one adds
+    -first zero columns on the left. Zeros, not uninitialised memory: a masked position of a KV cache still
+    multiplies its value by a weight of 0. `after`: the value of the columns past the copied ones (None: left
+    uninitialised, to be written before they are read)."""
+    shape = list(old.shape)
+    shape[dim] = capacity
+    new = old.new_empty(shape)
+    left, keep = max(-first, 0), length - max(first, 0)
+    new.narrow(dim, 0, left).zero_()
+    new.narrow(dim, left, keep).copy_(old.narrow(dim, max(first, 0), keep))
+    if after is not None:
+        new.narrow(dim, left + keep, capacity - left - keep).fill_(after)
+    return new
+
+
 @functools.lru_cache(maxsize=None)
 def _preallocated_layer_class():
     from transformers.cache_utils import DynamicLayer
@@ -117,17 +135,9 @@ def _preallocated_layer_class():
             self._value_buffer[rows, :, start:end] = values
 
         def resize(self, capacity: int, first: int) -> None:
-            """Buffers of `capacity` positions whose column 0 is the old column `first`: a positive `first`
-            forgets the columns before it, a negative one adds -first zero columns on the left. (Zeros, not
-            uninitialised memory: a masked position still multiplies its value by a weight of 0.)"""
-            keep = self.length - max(first, 0)
+            """Buffers of `capacity` positions whose column 0 is the old column `first` (`moved_columns`)."""
             for name in ("_key_buffer", "_value_buffer"):
-                old = getattr(self, name)
-                new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
-                if first < 0:
-                    new[:, :, :-first].zero_()
-                new[:, :, max(-first, 0):max(-first, 0) + keep] = old[:, :, max(first, 0):self.length]
-                setattr(self, name, new)
+                setattr(self, name, moved_columns(getattr(self, name), 2, capacity, first, self.length))
             self.capacity, self.length = capacity, self.length - first
             self._refresh_views()
 
@@ -321,11 +331,8 @@ class DecodeBatch:
                                f"need {needed}")
         for layer in self.cache.layers:
             layer.resize(capacity, first)
-        mask = torch.ones((self.rows, capacity), dtype=self.mask.dtype, device=self.device)
-        keep = self.length - max(first, 0)
-        mask[:, :max(-first, 0)] = 0
-        mask[:, max(-first, 0):max(-first, 0) + keep] = self.mask[:, max(first, 0):self.length]
-        self.mask = mask
+        # columns to the right of the last one written are 1, as in `prefill`: decoding steps fill them
+        self.mask = moved_columns(self.mask, 1, capacity, first, self.length, after=1)
         self._mask_changed()
         self.start -= first
         self.capacity, self.length = capacity, self.length - first

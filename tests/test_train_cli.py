@@ -103,3 +103,45 @@ def test_use_gpu_without_a_gpu_fails_with_a_clear_message(tmp_path):
     assert proc.returncode == 1
     assert "learner.use_gpu is true with learner.num_workers=1, but the Ray cluster has 0 GPU(s)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_starts_its_own_ray_beside_a_ray_already_running_on_the_machine(tmp_path):
+    """Without --address, `rlhf-ray train` starts a local Ray even where a `ray start` head runs on this machine
+    (a bare ray.init() would join that one and refuse num_cpus)."""
+    import os
+    import shutil
+    import signal
+    import socket
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--num-cpus=1", f"--port={free_port()}",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        code = ("import ray, time\n"
+                "for _ in range(120):  # the head is up once a bare ray.init() can join it\n"
+                "    try:\n"
+                "        ray.init(); ray.shutdown(); break\n"
+                "    except Exception:\n"
+                "        time.sleep(0.5)\n"
+                "from rlhf_ray.config import RunConfig\n"
+                "from rlhf_ray.pipeline.train import start_ray\n"
+                "start_ray(RunConfig(), None)\n"
+                "print(int(ray.cluster_resources()['CPU']))\n"
+                "ray.shutdown()\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert int(out.stdout.split()[-1]) >= 2  # its own instance, not the head's single CPU
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started...
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # ...or is made to
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=20)

@@ -258,7 +258,7 @@ class RolloutDriver:
                 if self.next_rollout is None:
                     self.next_rollout = self.submit(iteration)
                 rollout, self.next_rollout = self.next_rollout, None
-                episodes, self.chunks = rollout.result(), rollout.chunks
+                episodes, self.chunks = rollout.result(), rollout.chunks  # bounded by rollout.timeout_s
                 if self.config.rollout.overlap and iteration + 1 < self.config.train.iterations:
                     self.next_rollout = self.submit(iteration + 1)
                 self.control.report_workers.remote(len(self.pool))

@@ -45,14 +45,17 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     env = {"env_vars": {**deepspeed_worker_env(config.learner.use_gpu), **QUIET_ENV}}
+    address = address or os.environ.get("RAY_ADDRESS")  # as Ray's own bare ray.init() would
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     # A local Ray gets the machine's cores, or more logical CPUs when the run asks for more learner
     # ranks and rollout workers than cores (they then share cores); GPUs are what the machine has.
+    # address="local": a new instance even when a `ray start` cluster runs on this machine, which a bare
+    # ray.init() would join (and then refuse num_cpus).
     needed = (config.learner.num_workers * config.learner.cpus_per_worker
               + config.rollout.workers.max * config.rollout.num_cpus)
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env, log_to_driver=True)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env, log_to_driver=True)
 
 
 def check_resources(config: RunConfig) -> None:

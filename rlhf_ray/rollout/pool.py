@@ -30,6 +30,16 @@ from rlhf_ray.rollout.worker import RemoteRolloutWorker, RolloutChunk, to_shared
 
 logger = logging.getLogger(__name__)
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+FETCH_TIMEOUT_S = 120.0  # a result `ray.wait` reported ready may still have to come over from another node
+
+
+def fetch_ready(ref: ray.ObjectRef, what: str):
+    """The value of `ref`, which `ray.wait` reported ready (or the error it holds); bounded all the same,
+    since the object may still travel from another node's store. `what` names it when that fails."""
+    try:
+        return ray.get(ref, timeout=FETCH_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise WaitTimeout(f"{what} was ready but could not be fetched within {FETCH_TIMEOUT_S:g} s") from None
 
 
 class WorkerStartError(RunStopped):
@@ -154,7 +164,7 @@ class RolloutPool:
             worker_id = refs[ref]
             handle, _ = self.starting.pop(worker_id)
             try:
-                ray.get(ref)  # ready (ray.wait above): returns at once, or raises the worker's error
+                fetch_ready(ref, f"the start of {worker_id}")  # raises the worker's error if it failed
             except Exception as err:
                 ray.kill(handle, no_restart=True)  # one whose constructor failed is alive, holding its CPUs
                 self._start_failed(worker_id, err)
@@ -207,7 +217,7 @@ class RolloutPool:
     # -- work --------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[Episode]:
         """One episode per prompt, in prompt order, each exactly once, whatever workers die meanwhile."""
-        return self.submit(prompt_ids, seeds).result()
+        return self.submit(prompt_ids, seeds).result()  # bounded by rollout.timeout_s
 
     def submit(self, prompt_ids: list[list[int]], seeds: list[int]) -> "PendingRollout":
         """Send the prompts out and return at once; `result()` waits for the episodes.
@@ -255,7 +265,7 @@ class RolloutPool:
                               "did not answer")
         for ref in done:
             try:
-                ray.get(ref)  # ready: returns at once, or raises if the worker died
+                fetch_ready(ref, f"the weight sync of {calls[ref]}")  # raises if the worker died
             except WORKER_LOST:
                 self._drop_dead(calls[ref])
         return time.perf_counter() - start
@@ -283,7 +293,7 @@ class RolloutPool:
             raise WaitTimeout(f"weights digests did not come back within rollout.sync_timeout_s="
                               f"{self.limits.sync_timeout_s:g} s: {self.describe([refs[r] for r in late])} "
                               "did not answer")
-        return {refs[ref]: ray.get(ref) for ref in done}  # ready: returns at once
+        return {refs[ref]: fetch_ready(ref, f"the weights digest of {refs[ref]}") for ref in done}
 
 
 class PendingRollout:
@@ -321,7 +331,7 @@ class PendingRollout:
             worker_id, start, end = pending.pop(ready[0])
             pool.busy.pop(worker_id, None)
             try:
-                chunk = ray.get(ready[0])  # ready: returns at once
+                chunk = fetch_ready(ready[0], f"the episodes of {worker_id}")
             except WORKER_LOST:
                 pool._drop_dead(worker_id)
                 pool.requeued_chunks += 1
