@@ -91,3 +91,19 @@ def test_the_critic_free_choices_are_checked_together(tmp_path):
                            "rollout.overlap=true"])
     with pytest.raises(ConfigError, match="loss_aggregation"):
         load_config(path, ["ppo.loss_aggregation=sum"])
+
+
+def test_each_estimator_takes_its_papers_defaults_unless_the_config_sets_them(tmp_path):
+    path = write(tmp_path, "name: x\nrollout:\n  batch_size: 8\nppo:\n  group_size: 4\n")
+    ppo = load_config(path).ppo  # gae: Ziegler et al.'s whitened advantages, KL in the reward
+    assert (ppo.whiten_advantages, ppo.loss_aggregation, ppo.kl.in_reward, ppo.kl.estimator) == (
+        True, "token-mean", True, "k1")
+    ppo = load_config(path, ["ppo.advantage_estimator=grpo"]).ppo  # GRPO: k3 KL as a loss, 1/G sum 1/|o| sum_t
+    assert (ppo.whiten_advantages, ppo.loss_aggregation, ppo.kl.in_reward, ppo.kl.estimator) == (
+        False, "seq-mean-token-mean", False, "k3")
+    assert load_config(path, ["ppo.advantage_estimator=dr_grpo"]).ppo.loss_aggregation == "seq-mean-token-sum-norm"
+    assert not load_config(path, ["ppo.advantage_estimator=reinforce_pp"]).ppo.whiten_advantages
+    ppo = load_config(path, ["ppo.advantage_estimator=grpo", "ppo.whiten_advantages=true", "ppo.kl.in_reward=true",
+                             "ppo.loss_aggregation=token-mean"]).ppo  # what the config sets stays
+    assert (ppo.whiten_advantages, ppo.loss_aggregation, ppo.kl.in_reward, ppo.kl.estimator) == (
+        True, "token-mean", True, "k3")

@@ -19,7 +19,7 @@ import torch
 from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.learner import EngineConfig, deepspeed_worker_env, make_optimizer
-from rlhf_ray.learner.ppo import Reducer, TorchEngine, make_experience, micro_batches, ppo_update
+from rlhf_ray.learner.ppo import Reducer, TorchEngine, make_experience, micro_batches, ppo_update, sequence_scores
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.value import ValueModel
 from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed
@@ -136,6 +136,15 @@ class MaxOver(Reducer):
 
     def max(self, tensor):
         return torch.stack([tensor, *map(torch.as_tensor, self.others)]).max()
+
+
+def test_sequence_scores_scale_rewards_and_replace_those_cut_without_eos():
+    rewards, eos = np.array([0.5, -1.0, 2.0]), np.array([True, False, True])
+    # reward_scale 2: 0.5 -> 1.0, -1.0 -> -2.0, 2.0 -> 4.0; no penalty set: the cut response keeps its score
+    assert sequence_scores(rewards, eos, PPOConfig(reward_scale=2.0)).tolist() == [1.0, -2.0, 4.0]
+    # the penalty replaces the cut response's (scaled) score, and is not scaled itself
+    assert sequence_scores(rewards, eos, PPOConfig(reward_scale=2.0, missing_eos_penalty=-3.0)).tolist() == [
+        1.0, -3.0, 4.0]
 
 
 def test_micro_batches_take_rows_longest_first_within_the_token_budget():

@@ -126,11 +126,32 @@ class KLConfig(_Section):
     adaptive: bool = False  # Ziegler et al. 2019 controller towards `target`
     target: float = Field(6.0, gt=0.0)  # nats per sequence
     horizon: float = Field(10000.0, gt=0.0)
+    # unset: the advantage estimator's paper (ESTIMATOR_DEFAULTS); k1 = logp - ref, k3 = exp(ref - logp) - (ref - logp) - 1
     estimator: Literal["k1", "k3"] = "k1"
     in_reward: bool = True  # True: -beta*KL per token in the reward; False: a KL loss term (GRPO style)
 
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # advantages from a baseline over each prompt's group
+
+# What each advantage estimator's paper uses, for the keys a config leaves unset (PPO_DETAILS.md). Batch
+# whitening (a token-weighted shift and scale) stays off for the group estimators: their advantages are
+# already centred per group, and the token-weighted shift would bring back the length bias Dr.GRPO removes;
+# REINFORCE++ normalises over the global batch itself.
+ESTIMATOR_DEFAULTS: dict[str, dict] = {
+    # Ziegler et al. 2019 / InstructGPT PPO: whitened GAE advantages, per-token KL penalty in the reward
+    "gae": {"whiten_advantages": True, "loss_aggregation": "token-mean", "kl": {"in_reward": True, "estimator": "k1"}},
+    # GRPO (Shao et al. 2024): 1/G sum_i 1/|o_i| sum_t, k3 KL as a loss term
+    "grpo": {"whiten_advantages": False, "loss_aggregation": "seq-mean-token-mean",
+             "kl": {"in_reward": False, "estimator": "k3"}},
+    # Dr.GRPO (Liu et al. 2025): each sequence's token sum over one constant (the generation budget)
+    "dr_grpo": {"whiten_advantages": False, "loss_aggregation": "seq-mean-token-sum-norm",
+                "kl": {"in_reward": False, "estimator": "k3"}},
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline of KL-penalised sequence rewards
+    "rloo": {"whiten_advantages": False, "loss_aggregation": "token-mean", "kl": {"in_reward": True, "estimator": "k1"}},
+    # REINFORCE++ (Hu 2025): per-token KL in the reward, returns normalised over the global batch
+    "reinforce_pp": {"whiten_advantages": False, "loss_aggregation": "token-mean",
+                     "kl": {"in_reward": True, "estimator": "k1"}},
+}
 
 
 class PPOConfig(_Section):
@@ -147,8 +168,9 @@ class PPOConfig(_Section):
     clip_eps: float = Field(0.2, gt=0.0)
     clip_eps_high: float | None = Field(None, gt=0.0)  # DAPO's clip-higher (0.28 in the paper); None: clip_eps
     # how the policy loss's per-token terms become one number (veRL's names; see algorithms/critic_free.py):
-    # token-mean | seq-mean-token-mean (GRPO's paper) | seq-mean-token-sum | seq-mean-token-sum-norm (Dr.GRPO:
-    # each sequence's sum divided by rollout.max_new_tokens). Over all ranks and micro-batches of a minibatch.
+    # token-mean (PPO, DAPO) | seq-mean-token-mean (GRPO's paper) | seq-mean-token-sum | seq-mean-token-sum-norm
+    # (Dr.GRPO: each sequence's sum divided by rollout.max_new_tokens). Over all ranks and micro-batches of a
+    # minibatch. Unset: ESTIMATOR_DEFAULTS
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                               "seq-mean-token-sum-norm"] = "token-mean"
     dual_clip: float | None = Field(None, gt=1.0)
@@ -159,10 +181,24 @@ class PPOConfig(_Section):
     entropy_coef: float = Field(0.0, ge=0.0)
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     lam: float = Field(0.95, ge=0.0, le=1.0)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # unset: ESTIMATOR_DEFAULTS (on for gae only)
     missing_eos_penalty: float | None = None  # score of responses cut by the budget without EOS
     reward_scale: float = 1.0
     kl: KLConfig = KLConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _estimator_defaults(cls, data):
+        """Keys the config leaves unset take the estimator's paper values (ESTIMATOR_DEFAULTS), on the input,
+        so the run's saved config.yaml shows what ran."""
+        if not isinstance(data, dict) or data.get("advantage_estimator", "gae") not in ESTIMATOR_DEFAULTS:
+            return data  # a wrong estimator name is reported by the field's own check
+        defaults = ESTIMATOR_DEFAULTS[data.get("advantage_estimator", "gae")]
+        data = {key: data.get(key, value) for key, value in defaults.items() if key != "kl"} | data
+        kl = data.get("kl", {})
+        if isinstance(kl, dict):
+            data["kl"] = defaults["kl"] | kl
+        return data
 
     @model_validator(mode="after")
     def _groups_for_critic_free(self) -> "PPOConfig":
@@ -197,6 +233,11 @@ class TrainConfig(_Section):
     iterations: int = Field(10, ge=1)
     checkpoint_every: int = Field(5, ge=1)  # iterations between checkpoints
     max_failures: int = Field(2, ge=0)  # learner restarts (from the last checkpoint) before the run fails
+    # every N iterations (and after the last) the policy answers data.eval_dataset's prompts with fixed seeds,
+    # and eval/reward_mean (and each reward component) is logged and shown: the held-out score, which does not
+    # follow the batch's prompts as the training reward does. None: no evaluation during training
+    eval_every: int | None = Field(None, ge=1)
+    eval_prompts: int = Field(64, ge=1)  # at most this many prompts of data.eval_dataset
 
 
 class StageConfig(_Section):

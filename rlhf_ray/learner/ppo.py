@@ -187,7 +187,7 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
                      "dr_grpo": lambda r, group_size: grpo_advantages(r, group_size, scale_by_std=False)}
         sequence_advantages = estimator[cfg.advantage_estimator](sequence_returns, group_size=cfg.group_size)
         advantages = broadcast_to_tokens(sequence_advantages, mask)
-    if cfg.whiten_advantages and cfg.advantage_estimator != "reinforce_pp":
+    if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask, shift_mean=True, reduce=reducer.sum)
 
     count = len(episodes)
