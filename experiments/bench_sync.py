@@ -24,6 +24,11 @@ them alike (median of `--repeats` each, after one warm-up):
 
 Correctness is checked once, after the warm-up sync, whose weights differ from the ones the workers
 loaded from disk: every worker's `weights_digest` must equal the digest of the state dict sent.
+
+LoRA rows (`model.lora`): the same call with only the adapters (`rlhf_ray.models.lora.adapter_payload`)
+of r=16 adapters on the attention projections q_proj and v_proj, and on every linear layer, with random
+(non-zero) B; each worker merges them into the base weights it keeps. After each warm-up, every worker's
+digest must equal that of the learner-side merge (`merged_state_dict`) of the same adapters.
 """
 
 from __future__ import annotations
@@ -136,6 +141,55 @@ def time_zero_copy_floor(ray, model, state: dict) -> float:
     return elapsed
 
 
+def lora_targets(kind: str) -> dict[str, list[str] | str]:
+    """The LoRA rows: attention projections (GPT-2 has one fused c_attn), and every linear layer."""
+    return {"q_proj+v_proj" if kind != "tiny" else "c_attn": ["q_proj", "v_proj"] if kind != "tiny" else ["c_attn"],
+            "all-linear": "all-linear"}
+
+
+def lora_payload(model, targets, r: int = 16) -> dict:
+    """Adapters of rank `r` on `targets` of (a copy of) `model`, B random: what a LoRA sync sends."""
+    import copy
+
+    import torch
+
+    from rlhf_ray.config import LoraSettings
+    from rlhf_ray.models.lora import adapter_payload, add_adapters
+
+    lora = LoraSettings(r=r, alpha=2.0 * r, target_modules=targets)
+    adapted = add_adapters(copy.deepcopy(model), lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    return adapter_payload(adapted.state_dict(), lora.alpha / lora.r)
+
+
+def time_lora_syncs(pool, model, state: dict, kind: str, repeats: int, version: int, started: float) -> dict:
+    """Per LoRA row: bytes sent, the median sync seconds after a warm-up, and the digests checked."""
+    from rlhf_ray.models.lora import merged_state_dict
+    from rlhf_ray.rollout.worker import state_dict_digest
+
+    rows = {}
+    for label, targets in lora_targets(kind).items():
+        payload = lora_payload(model, targets)
+        pool.set_weights(payload, version)
+        expected = state_dict_digest(merged_state_dict(model, state, payload))
+        wrong = sorted(w for w, digest in pool.weights_digests().items() if digest != expected)
+        if wrong:
+            raise RuntimeError(f"LoRA {label}: workers {wrong} do not hold the merged weights")
+        times = []
+        for _ in range(repeats):
+            version += 1
+            times.append(pool.set_weights(payload, version))
+        version += 1
+        rows[label] = {"bytes": sum(t.numel() * t.element_size() for t in payload.values()),
+                       "sync_s": statistics.median(times), "runs": times}
+        progress(f"LoRA {label}: {rows[label]['bytes'] / 1e6:.2f} MB, sync {rows[label]['sync_s']:.4f} s", started)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=MODELS, default="smollm2-shape",
@@ -209,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs["memory_copy_floor_s"].append(time_memory_copy_floor(model, state))
                 runs["zero_copy_floor_s"].append(time_zero_copy_floor(ray, model, state))
                 progress(f"[{repeat + 1}/{args.repeats}] sync {runs['sync_s'][-1]:.3f} s", started)
+            lora = time_lora_syncs(pool, model, state, args.model, args.repeats, 2 + args.repeats, started)
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -226,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "delivered_gb_per_s": args.workers * model_bytes / sync_s / 1e9,  # bytes landed in workers per second
         "sync_vs_object_store_ratio": sync_s / medians["object_store_floor_s"],
         "sync_vs_memory_copy_ratio": sync_s / medians["memory_copy_floor_s"],
-        "digests_checked": len(digests), "runs": runs, "cpus": os.cpu_count(), "torch": torch.__version__,
+        "digests_checked": len(digests), "runs": runs, "lora": lora, "cpus": os.cpu_count(), "torch": torch.__version__,
         "ray": ray.__version__, "load_average_before": load_before[0], "load_average_after": load_after[0],
     }
 
@@ -240,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
                         ("zero_copy_floor_s", "floor: ray.put + get as NumPy + load_state_dict")]:
         print(f"{label:<52} {medians[name]:>9.4f} {model_bytes / medians[name] / 1e9:>7.2f} "
               f"{sync_s / medians[name]:>10.2f}")
+    print(f"\nLoRA r=16: only the adapters travel; workers merge them into the base weights they keep")
+    print(f"{'sync':<32} {'MB sent':>9} {'fewer bytes':>12} {'seconds':>9} {'faster':>8}")
+    print(f"{'full state dict':<32} {model_bytes / 1e6:>9.2f} {1:>11.0f}x {sync_s:>9.4f} {1:>7.1f}x")
+    for label, row in lora.items():
+        print(f"{'adapters on ' + label:<32} {row['bytes'] / 1e6:>9.2f} {model_bytes / row['bytes']:>11.0f}x "
+              f"{row['sync_s']:>9.4f} {sync_s / row['sync_s']:>7.1f}x")
     print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
     if args.json:
         write_json(args.json, report)

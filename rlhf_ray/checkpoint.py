@@ -45,10 +45,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_engines(path: Path, actor, critic, generator: torch.Generator, rank: int) -> None:
-    """This rank's part of a checkpoint (a collective: every rank calls it)."""
-    actor.save_checkpoint(str(path / "actor"), tag="state")
-    if critic is not None:
-        critic.save_checkpoint(str(path / "critic"), tag="state")
+    """This rank's part of a checkpoint (a collective: every rank calls it). Frozen parameters (the base
+    model under LoRA adapters) are left out: they are the policy's start, which a resume loads anyway."""
+    for name, engine in (("actor", actor), ("critic", critic)):
+        if engine is not None:
+            engine.save_checkpoint(str(path / name), tag="state", exclude_frozen_parameters=True)
     torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
 
 
@@ -63,7 +64,8 @@ def load_checkpoint(path: Path, actor, critic, generator: torch.Generator, rank:
     """Restore the engines and this rank's RNG from `path`; returns the run state."""
     for name, engine in (("actor", actor), ("critic", critic)):
         if engine is not None:
-            loaded, _ = engine.load_checkpoint(str(path / name), tag="state")
+            frozen = any(not p.requires_grad for p in engine.module.parameters())  # not in the checkpoint
+            loaded, _ = engine.load_checkpoint(str(path / name), tag="state", load_module_strict=not frozen)
             if loaded is None:
                 raise RuntimeError(f"checkpoint {path / name} could not be loaded")
     rng = torch.load(path / f"rng_rank{rank}.pt")

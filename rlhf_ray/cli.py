@@ -71,10 +71,18 @@ def cmd_train(args) -> int:
 
 
 def _print_reward_line(metrics: Path) -> None:
-    lines = metrics.read_text().splitlines()
-    first, last = json.loads(lines[0]), json.loads(lines[-1])
-    print(f"reward {first['rollout/reward_mean']:+.3f} -> {last['rollout/reward_mean']:+.3f}, "
-          f"kl {last['objective/kl']:.3f} after {last['iteration']} iterations")
+    """`reward a -> b, kl k after N iterations`, then the held-out line when the run evaluated (eval_every)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    trained = [row for row in rows if "rollout/reward_mean" in row]
+    first, last = trained[0], trained[-1]
+    kl = f", kl {last['objective/kl']:.3f}" if "objective/kl" in last else ""
+    print(f"reward {first['rollout/reward_mean']:+.3f} -> {last['rollout/reward_mean']:+.3f}{kl} "
+          f"after {last['iteration']} iterations")
+    held_out = [row for row in rows if "eval/reward_mean" in row]
+    if len(held_out) > 1:
+        print(f"held-out reward {held_out[0]['eval/reward_mean']:+.3f} (iteration {held_out[0]['iteration']}) -> "
+              f"{held_out[-1]['eval/reward_mean']:+.3f} (iteration {held_out[-1]['iteration']}), "
+              f"kl to the reference {held_out[-1].get('eval/kl', float('nan')):.3f}")
 
 
 def cmd_pipeline(args) -> int:

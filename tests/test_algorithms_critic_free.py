@@ -89,3 +89,14 @@ def test_reinforce_pp_whitens_the_return_to_go_over_the_batch():
     expected = torch.tensor([[(0.8 - mean) / std, (0.9 - mean) / std, (1.0 - mean) / std],
                              [(0.2 - mean) / std, 0.0, 0.0]])
     assert_close(reinforce_pp_advantages(rewards, MASK), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_sampling_keeps_the_groups_whose_rewards_differ():
+    from types import SimpleNamespace
+
+    from rlhf_ray.learner.train_loop import split_informative_groups
+
+    episodes = [SimpleNamespace(reward=r, name=i) for i, r in enumerate([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.25])]
+    informative, dropped = split_informative_groups(episodes, 2)
+    assert [[e.name for e in g] for g in informative] == [[2, 3], [6, 7]]
+    assert [[e.name for e in g] for g in dropped] == [[0, 1], [4, 5]]

@@ -91,6 +91,10 @@ def test_the_critic_free_choices_are_checked_together(tmp_path):
                            "rollout.overlap=true"])
     with pytest.raises(ConfigError, match="loss_aggregation"):
         load_config(path, ["ppo.loss_aggregation=sum"])
+    with pytest.raises(ConfigError, match="dynamic_sampling.*needs a group estimator"):
+        load_config(path, ["ppo.dynamic_sampling=true"])
+    with pytest.raises(ConfigError, match=r"ppo.overlong_buffer \(20\) must not exceed rollout.max_new_tokens \(16\)"):
+        load_config(path, ["ppo.overlong_buffer=20"])
 
 
 def test_each_estimator_takes_its_papers_defaults_unless_the_config_sets_them(tmp_path):
@@ -107,3 +111,9 @@ def test_each_estimator_takes_its_papers_defaults_unless_the_config_sets_them(tm
                              "ppo.loss_aggregation=token-mean"]).ppo  # what the config sets stays
     assert (ppo.whiten_advantages, ppo.loss_aggregation, ppo.kl.in_reward, ppo.kl.estimator) == (
         True, "token-mean", True, "k3")
+
+
+def test_evaluating_during_training_needs_held_out_prompts(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    with pytest.raises(ConfigError, match="train.eval_every.*set data.eval_dataset"):
+        load_config(path, ["train.eval_every=5"])

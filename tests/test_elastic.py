@@ -83,7 +83,7 @@ def test_removing_and_adding_a_rollout_node_changes_the_pool_and_the_run_finishe
 
 
 def test_scale_of_an_unknown_run_is_a_clear_error():
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
         with pytest.raises(ValueError, match="no running run named 'nope'"):
             scale("nope", 2)

@@ -36,7 +36,7 @@ def seconds(bound: float):
 @pytest.fixture(scope="module")
 def local_ray():
     # rollout workers import the test's reward modules (tests/user_code.py) by name
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}})
     yield
     ray.shutdown()

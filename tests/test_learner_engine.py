@@ -118,7 +118,7 @@ def ray_cluster():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=NUM_WORKERS, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=NUM_WORKERS, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()

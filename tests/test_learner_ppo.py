@@ -17,10 +17,14 @@ import pytest
 import torch
 
 from envs.builtin import BUILTIN_PROMPTS, sentiment_reward
-from rlhf_ray.config import PPOConfig
+from rlhf_ray.config import LoraSettings, PPOConfig
 from rlhf_ray.learner import EngineConfig, deepspeed_worker_env, make_optimizer
-from rlhf_ray.learner.ppo import Reducer, TorchEngine, make_experience, micro_batches, ppo_update, sequence_scores
+from rlhf_ray.learner.engine import AdaptersDisabled
+from rlhf_ray.learner.ppo import (
+    LogprobGap, Reducer, TorchEngine, make_experience, micro_batches, ppo_update, sequence_kl, sequence_scores,
+)
 from rlhf_ray.models import build_tiny_model
+from rlhf_ray.models.lora import adapter_payload, add_adapters, base_state_dict, merged_state_dict
 from rlhf_ray.models.value import ValueModel
 from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed
 
@@ -60,6 +64,29 @@ CRITIC_FREE = {
                                       loss_aggregation="seq-mean-token-sum"),
 }
 NORM_LENGTH = 10  # the episodes' max_new_tokens
+# LoRA on GPT-2's attention and MLP input (Conv1D layers); the reference is the policy with adapters off
+LORA = LoraSettings(r=4, alpha=8.0, target_modules=["c_attn", "c_fc"])
+
+
+def with_adapters(actor, lora):
+    """The actor in LoRA adapters whose B is not zero, so that the reference (adapters off) differs from it."""
+    if lora is None:
+        return actor
+    actor = add_adapters(actor, lora)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in actor.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return actor
+
+
+def plain_weights(state: dict, lora) -> dict:
+    """A trained policy's weights under the plain model's names: with LoRA, the adapters merged into the base."""
+    if lora is None:
+        return state
+    return merged_state_dict(build_tiny_model("gpt2", seed=0)[0], base_state_dict(state),
+                             adapter_payload(state, lora.alpha / lora.r))
 
 
 def one_update(actor, critic, reference, episodes, pad_id, reducer, max_tokens=None, ppo=PPO):
@@ -77,33 +104,36 @@ def sharded_update(config: dict) -> dict:
 
     reducer = DistributedReducer()
     cfg = EngineConfig(zero_stage=config["zero_stage"], **ENGINE)
-    ppo = config.get("ppo", PPO)
+    ppo, lora = config.get("ppo", PPO), config.get("lora")
     actor, critic, reference, tokenizer = models()
-    actor = create_engine(actor, cfg, train_batch_size=ppo.minibatch_size)
+    actor = create_engine(with_adapters(actor, lora), cfg, train_batch_size=ppo.minibatch_size)
     critic = (create_engine(critic, cfg, train_batch_size=ppo.minibatch_size) if ppo.advantage_estimator == "gae"
               else None)
-    reference = create_reference_engine(reference, cfg)
+    reference = AdaptersDisabled(actor) if lora else create_reference_engine(reference, cfg)
     episodes = config["episodes"]
     half = len(episodes) // NUM_WORKERS
     stats = one_update(actor, critic, reference, episodes[reducer.rank * half:(reducer.rank + 1) * half],
                        tokenizer.pad_token_id, reducer, config["max_tokens"][reducer.rank], ppo)
-    actor_state = gather_full_state_dict(actor)
+    actor_state = gather_full_state_dict(actor)  # a collective: every rank
+    actor_state = plain_weights(actor_state, lora) if reducer.rank == 0 else None
     critic_state = gather_full_state_dict(critic) if critic is not None else {}
     if reducer.rank == 0:
         torch.save({"actor": actor_state, "critic": critic_state, "stats": stats}, config["out"])
     return stats
 
 
-def single_process_update(episodes, max_tokens=None, reducer=Reducer(), ppo=PPO):
+def single_process_update(episodes, max_tokens=None, reducer=Reducer(), ppo=PPO, lora=None):
     actor, critic, reference, tokenizer = models()
+    actor = with_adapters(actor, lora)
     cfg = EngineConfig(**ENGINE)
     actor_engine = TorchEngine(actor, make_optimizer(actor, cfg), cfg.max_grad_norm)
+    reference = AdaptersDisabled(actor_engine) if lora else reference
     critic_engine = None
     if ppo.advantage_estimator == "gae":
         critic_engine = TorchEngine(critic, make_optimizer(critic, cfg), cfg.max_grad_norm)
     stats = one_update(actor_engine, critic_engine, reference, episodes, tokenizer.pad_token_id, reducer, max_tokens,
                        ppo)
-    return actor.state_dict(), critic.state_dict() if critic_engine else {}, stats
+    return plain_weights(actor.state_dict(), lora), critic.state_dict() if critic_engine else {}, stats
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +153,7 @@ def reference_update(episodes):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=NUM_WORKERS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=NUM_WORKERS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -145,6 +175,52 @@ def test_sequence_scores_scale_rewards_and_replace_those_cut_without_eos():
     # the penalty replaces the cut response's (scaled) score, and is not scaled itself
     assert sequence_scores(rewards, eos, PPOConfig(reward_scale=2.0, missing_eos_penalty=-3.0)).tolist() == [
         1.0, -3.0, 4.0]
+    # DAPO's overlong shaping, budget 8 with a buffer of 4: lengths 4, 6, 8 lose 0, 2/4 and 4/4 of factor 0.5
+    shaped = sequence_scores(rewards, eos, PPOConfig(overlong_buffer=4, overlong_penalty_factor=0.5), [4, 6, 8], 8)
+    assert shaped.tolist() == [0.5, -1.25, 1.5]
+    with pytest.raises(ValueError, match="overlong_buffer needs the response lengths"):
+        sequence_scores(rewards, eos, PPOConfig(overlong_buffer=4))
+
+
+def test_the_logprob_gap_is_the_token_mean_and_max_of_learner_minus_sampler():
+    gap = LogprobGap()
+    learner = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -2.0, -9.0], [-0.25, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # the -9 is padding
+    gap.add(learner, sampler, mask, weight=1.0)
+    gap.add(learner + 5.0, sampler, mask, weight=0.0)  # a weight-0 micro-batch (a rank's filler) adds nothing
+    assert gap.stats(Reducer()) == {"rollout/logprob_diff_mean": pytest.approx(0.75 / 4),
+                                    "rollout/logprob_diff_max": 0.5}
+    assert LogprobGap().stats(Reducer()) == {}  # nothing measured (off-policy episodes): not logged
+
+
+def test_with_kl_coef_0_the_reference_is_not_used_and_its_kl_not_logged(episodes):
+    """The skipped reference pass changes nothing: any reference (here a different model) gives the same update."""
+    ppo = PPOConfig.model_validate({**CRITIC_FREE["grpo_seq_mean"].model_dump(), "kl": {"coef": 0.0}})
+    results = []
+    for reference in (build_tiny_model("gpt2", seed=5)[0], None):
+        actor, _, _, tokenizer = models()
+        engine = TorchEngine(actor, make_optimizer(actor, EngineConfig(**ENGINE)), 1.0)
+        stats = one_update(engine, None, reference, episodes, tokenizer.pad_token_id, Reducer(), ppo=ppo)
+        results.append((actor.state_dict(), stats))
+    (first, stats), (second, _) = results
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert "objective/kl" not in stats and stats["objective/kl_coef"] == 0.0
+    # the first minibatch's forward pass is the sampling policy's: learner and sampler agree to float error
+    assert 0.0 <= stats["rollout/logprob_diff_max"] < 1e-4
+
+
+def test_held_out_kl_is_zero_against_the_sampling_policy_and_the_k1_sum_against_another(episodes):
+    model, tokenizer = build_tiny_model("gpt2", seed=0)  # the policy that sampled `episodes`
+    assert sequence_kl(episodes, model, TEMPERATURE, tokenizer.pad_token_id).abs().max() < 1e-4
+    other, _ = build_tiny_model("gpt2", seed=5)
+    kl = sequence_kl(episodes, other, TEMPERATURE, tokenizer.pad_token_id, max_tokens=40)
+    for row, episode in enumerate(episodes):
+        from rlhf_ray.models.forward import pack_episodes, response_logprobs
+
+        batch = pack_episodes([episode.prompt_ids], [episode.response_ids], tokenizer.pad_token_id)
+        ref = response_logprobs(other, batch, TEMPERATURE)[0, :len(episode.response_ids)]
+        assert kl[row].item() == pytest.approx(float(episode.behaviour_logprobs.sum() - ref.sum()), abs=1e-4)
 
 
 def test_micro_batches_take_rows_longest_first_within_the_token_budget():
@@ -193,7 +269,8 @@ def test_critic_free_micro_batched_update_equals_the_one_pass_update(episodes, n
 # different numbers of tokens and split their minibatches differently
 @pytest.mark.parametrize("zero_stage,max_tokens,ppo_name", [(2, (None, None), None), (3, (None, None), None),
                                                             (2, (100, 13), None), (3, (100, 13), None),
-                                                            (2, (100, 13), "grpo_seq_mean")])
+                                                            (2, (100, 13), "grpo_seq_mean"),
+                                                            (3, (100, 13), "grpo_seq_mean+lora")])
 def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes, reference_update,
                                                              zero_stage, max_tokens, ppo_name, tmp_path):
     import ray.cloudpickle
@@ -202,10 +279,11 @@ def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     out = tmp_path / "update.pt"
+    lora = LORA if ppo_name and ppo_name.endswith("+lora") else None  # ZeRO-3 with frozen base weights
     TorchTrainer(
         sharded_update,
         train_loop_config={"zero_stage": zero_stage, "episodes": episodes, "out": str(out), "max_tokens": max_tokens,
-                           "ppo": CRITIC_FREE[ppo_name] if ppo_name else PPO},
+                           "ppo": CRITIC_FREE[ppo_name.removesuffix("+lora")] if ppo_name else PPO, "lora": lora},
         scaling_config=ScalingConfig(num_workers=NUM_WORKERS, use_gpu=False),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name="ppo", storage_path=str(tmp_path / "ray_results"),
@@ -215,10 +293,11 @@ def test_sharded_ppo_update_equals_the_single_process_update(local_ray, episodes
     if ppo_name is None:
         actor_state, critic_state, stats = reference_update
     else:
-        actor_state, critic_state, stats = single_process_update(episodes, ppo=CRITIC_FREE[ppo_name])
+        actor_state, critic_state, stats = single_process_update(
+            episodes, ppo=CRITIC_FREE[ppo_name.removesuffix("+lora")], lora=lora)
 
-    initial, _ = build_tiny_model("gpt2", seed=0)
-    moved = max((actor_state[k] - v).abs().max().item() for k, v in initial.state_dict().items())
+    initial = plain_weights(with_adapters(build_tiny_model("gpt2", seed=0)[0], lora).state_dict(), lora)
+    moved = max((actor_state[k] - v).abs().max().item() for k, v in initial.items())
     assert moved > 1e-3, "the update should move the policy"
     for name, expected in actor_state.items():
         torch.testing.assert_close(sharded["actor"][name], expected, atol=2e-5, rtol=1e-4, msg=name)

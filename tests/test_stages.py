@@ -146,3 +146,26 @@ def test_policy_naming_a_stage_the_config_lacks_is_an_error(tmp_path):
     proc = pipeline(tmp_path, "sft=null")
     assert proc.returncode == 1
     assert "model.policy is '{run}/sft', but the config has no 'sft' section to make it" in proc.stderr
+
+
+def test_the_pipeline_trains_lora_adapters_in_every_stage(tmp_path):
+    """SFT, the reward model (adapters and its new score head) and PPO train LoRA adapters on GPT-2's Conv1D
+    layers through the same learner launch; each stage writes the merged plain model, PPO the adapters too."""
+    from peft import PeftModel
+
+    proc = pipeline(tmp_path, "model.lora={r: 8, alpha: 16, target_modules: [c_attn, c_fc]}", "sft.lr=3e-3",
+                    "reward_model.lr=3e-3", "train.iterations=1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = tmp_path / "pipeline"
+    sft = json.loads((run / "sft" / "summary.json").read_text())
+    assert sft["eval_loss_after"] < sft["eval_loss_before"] - 0.3
+    rm = json.loads((run / "reward_model" / "summary.json").read_text())
+    assert rm["eval_accuracy_after"] > rm["eval_accuracy_before"]
+    # the exported policy is the SFT model with PPO's adapters merged in, as PEFT merges them
+    policy, _ = load_policy(run / "policy")
+    merged = PeftModel.from_pretrained(load_policy(run / "sft")[0], run / "policy_adapter").merge_and_unload()
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(policy.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+    checkpoint = run / "checkpoints" / "iter_000001" / "actor"  # adapters and their optimizer state only:
+    full_weights = 4 * sum(p.numel() for p in policy.parameters())  # less than the policy's float32 weights alone
+    assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < full_weights

@@ -40,13 +40,28 @@ def test_train_writes_metrics_checkpoints_and_a_loadable_policy(tmp_path):
     assert (run / "policy" / "tokenizer.json").exists()
 
 
-def test_train_without_critic_grpo(tmp_path):
+def test_train_without_critic_grpo_evaluating_on_held_out_prompts(tmp_path):
+    """GRPO with the KL coefficient 0 (no reference pass), evaluated before training and after iteration 2,
+    with DAPO's dynamic sampling and overlong shaping."""
     proc = run_train(tmp_path, "name=grpo", "ppo.advantage_estimator=grpo", "ppo.group_size=2",
-                     "rollout.batch_size=4", "ppo.kl.in_reward=false", "ppo.kl.estimator=k3")
+                     "rollout.batch_size=4", "ppo.kl.coef=0", "train.eval_every=2", "train.eval_prompts=6",
+                     "data.eval_dataset.path=experiments/data/prompts_heldout.jsonl", "ppo.dynamic_sampling=true",
+                     "ppo.overlong_buffer=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and "val/vf_loss" not in rows[0]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert "val/vf_loss" not in rows[1] and "objective/kl" not in rows[1]  # no critic, no reference pass
     assert not (tmp_path / "grpo" / "checkpoints" / "iter_000001" / "critic").exists()
+    assert 0 <= rows[1]["rollout/logprob_diff_max"] < 1e-3  # learner and sampler: the same policy
+    for row in rows[1:]:  # the tiny model's answers often all score 0: groups to drop and rounds to add
+        assert 1 <= row["rollout/sampling_rounds"] <= 3 and 0 <= row["rollout/informative_frac"] <= 1
+        assert row["rollout/sampling_rounds"] == 1 or row["rollout/informative_frac"] < 1
+    before, after = rows[0], rows[2]
+    assert "eval/reward_mean" not in rows[1]
+    assert abs(before["eval/kl"]) < 1e-3 < after["eval/kl"]  # the start policy is the reference
+    assert "held-out reward" in proc.stdout
+    events = [json.loads(line) for line in (tmp_path / "grpo" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["torch_threads"] == 2  # the rollout workers wait for the update: both cores
 
 
 def test_train_with_overlap_micro_batches_and_continuous_batching(tmp_path):
@@ -90,7 +105,7 @@ def test_more_learner_workers_than_the_cluster_has_fails_at_once(tmp_path):
 
     config = load_config("experiments/quickstart.yaml", [f"output_dir={tmp_path}", "learner.num_workers=4",
                                                          "ppo.minibatch_size=16"])
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         with pytest.raises(TrainingError, match=r"learner.num_workers=4 .* need 5 CPUs, but the Ray cluster has 2"):
             train(config, progress=False)

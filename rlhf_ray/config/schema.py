@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rlhf_ray.data.config import DatasetConfig
 
@@ -17,10 +17,36 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSettings(_Section):
+    """LoRA adapters (PEFT) on the policy: only they train; the reference is the policy with them disabled,
+    and weight syncs send only them (rlhf_ray/models/lora.py). No LoRA dropout: the learner runs without
+    dropout, so that its log-probs are the sampler's (PPO_DETAILS.md)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)  # the update is scaled by alpha / r
+    # names of the linear layers to adapt (the last part of a module name, e.g. q_proj), or "all-linear"
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if not value:
+            raise ValueError("name at least one module, or 'all-linear'")
+        return value
+
+
 class ModelConfig(_Section):
     policy: str = "rlhf-ray/tiny-gpt2"  # local HF folder or a known model name
     reference: str | None = None  # frozen reference for the KL penalty; None: a copy of the initial policy
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraSettings | None = None  # None: full-parameter training
+
+    @model_validator(mode="after")
+    def _lora_reference_is_the_base(self) -> "ModelConfig":
+        if self.lora is not None and self.reference is not None:
+            raise ValueError("with model.lora the reference is the policy with its adapters disabled: "
+                             "leave model.reference unset")
+        return self
 
 
 class SamplingConfig(_Section):
@@ -54,6 +80,9 @@ class RolloutConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     workers: WorkersConfig = WorkersConfig()
     num_cpus: float = Field(1.0, gt=0.0)  # Ray CPUs reserved by each rollout worker
+    # torch threads of each worker on CPU. None: num_cpus rounded down (at least 1). Without rollout.overlap the
+    # learner waits while the workers generate, so one worker on a laptop may take every core
+    torch_threads: int | None = Field(None, ge=1)
     resources: dict[str, float] = {}  # custom Ray resources per worker, e.g. {rollout_node: 1}
     use_gpu: bool = False
     # bounds: a worker that dies while starting is replaced with backoff at most max_start_failures times in
@@ -183,6 +212,15 @@ class PPOConfig(_Section):
     lam: float = Field(0.95, ge=0.0, le=1.0)
     whiten_advantages: bool = True  # unset: ESTIMATOR_DEFAULTS (on for gae only)
     missing_eos_penalty: float | None = None  # score of responses cut by the budget without EOS
+    # DAPO's overlong shaping: a response longer than rollout.max_new_tokens - overlong_buffer tokens loses up to
+    # overlong_penalty_factor from its score, linearly over the buffer's last tokens. None: off
+    overlong_buffer: int | None = Field(None, ge=1)
+    overlong_penalty_factor: float = Field(1.0, ge=0.0)
+    # DAPO's dynamic sampling (a group estimator): groups whose rewards are all equal carry no signal, so they are
+    # dropped and more prompts sampled, at most max_sampling_rounds rollouts an iteration; a batch still short
+    # then is filled with dropped groups (zero advantage). Counted as rollout/sampling_rounds, informative_frac
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = Field(3, ge=1)
     reward_scale: float = 1.0
     kl: KLConfig = KLConfig()
 
@@ -204,6 +242,9 @@ class PPOConfig(_Section):
     def _groups_for_critic_free(self) -> "PPOConfig":
         if self.advantage_estimator in GROUP_ESTIMATORS and self.group_size < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator!r} needs group_size >= 2")
+        if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
+            raise ValueError(f"dynamic_sampling drops groups of equal rewards: it needs a group estimator "
+                             f"({', '.join(GROUP_ESTIMATORS)}), not {self.advantage_estimator!r}")
         if self.policy_loss == "gspo" and self.advantage_estimator not in GROUP_ESTIMATORS:
             raise ValueError(f"policy_loss 'gspo' weighs whole sequences: it needs a group estimator "
                              f"({', '.join(GROUP_ESTIMATORS)}), not {self.advantage_estimator!r}")
@@ -213,7 +254,10 @@ class PPOConfig(_Section):
 class LearnerConfig(_Section):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     use_gpu: bool = False
-    cpus_per_worker: int = Field(1, ge=1)  # Ray CPUs of each learner rank, and its torch threads on CPU
+    cpus_per_worker: int = Field(1, ge=1)  # Ray CPUs of each learner rank
+    # torch threads of a rank on CPU. None: the node's Ray CPUs shared among its learner ranks when the rollout
+    # workers wait for the update (no rollout.overlap; the supervised stages), else cpus_per_worker
+    torch_threads: int | None = Field(None, ge=1)
     zero_stage: Literal[2, 3] = 2
     lr: float = Field(1e-5, gt=0.0)
     critic_lr: float | None = Field(None, gt=0.0)  # None: lr
@@ -314,6 +358,11 @@ class RunConfig(_Section):
         if self.ppo.minibatch_size % self.learner.num_workers:
             raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "
                              f"learner.num_workers ({self.learner.num_workers})")
+        if self.ppo.overlong_buffer is not None and self.ppo.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"ppo.overlong_buffer ({self.ppo.overlong_buffer}) must not exceed "
+                             f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        if self.train.eval_every and self.data.eval_dataset is None:
+            raise ValueError("train.eval_every evaluates on held-out prompts: set data.eval_dataset")
         if self.ppo.policy_loss == "gspo" and self.rollout.overlap:
             raise ValueError("ppo.policy_loss 'gspo' has no correction for episodes a policy version old: "
                              "set rollout.overlap false")

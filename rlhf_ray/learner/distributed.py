@@ -7,8 +7,10 @@ that group. Nothing here imports DeepSpeed, so the functions work (and are testa
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -134,10 +136,29 @@ def global_token_mean_loss(per_token: torch.Tensor, mask: torch.Tensor, total_to
     return (per_token * mask).sum() * scale
 
 
-def use_worker_cpus(cpus: int, use_gpu: bool) -> None:
-    """torch threads = the learner rank's Ray CPUs on CPU (Ray sets OMP_NUM_THREADS=1 in workers by default)."""
-    if not use_gpu:
-        torch.set_num_threads(cpus)
+def use_worker_cpus(cpus: int, use_gpu: bool, threads: int | None = None, node_is_idle: bool = False) -> int:
+    """Set this learner rank's torch threads on CPU, and return them (Ray sets OMP_NUM_THREADS=1 in workers).
+
+    `threads` when given; else, when nothing else computes on the node while the rank does (`node_is_idle`:
+    rollouts that do not overlap the update wait for it, and a supervised stage runs alone), the node's Ray
+    CPUs shared among the learner ranks on it, since a rank held to its own `cpus` Ray CPUs would leave the
+    rollout workers' cores idle through every update; else its `cpus`.
+    """
+    if use_gpu:
+        return torch.get_num_threads()
+    if threads is None:
+        threads = cpus
+        if node_is_idle and ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+            node_cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+            threads = max(cpus, int(node_cpus) // max(1, local_world_size()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def local_world_size() -> int:
+    """Learner ranks on this node (LOCAL_WORLD_SIZE, which Ray Train sets; 1 outside it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def deepspeed_worker_env(use_gpu: bool) -> dict[str, str]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Literal
 
 import deepspeed
@@ -250,7 +251,20 @@ def create_reference_engine(model: torch.nn.Module, cfg: EngineConfig):
     return engine
 
 
-def gather_full_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+class AdaptersDisabled:
+    """The policy's engine with its LoRA adapters switched off: the frozen base model, used as the reference
+    without a second copy in memory. Call it under `torch.no_grad()`, like a reference engine."""
+
+    def __init__(self, engine):
+        self.engine, self.module = engine, engine.module
+
+    def __call__(self, *args, **kwargs):
+        with self.module.disable_adapter():
+            return self.engine(*args, **kwargs)
+
+
+def gather_full_state_dict(engine, dtype: torch.dtype | None = None,
+                           only: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor] | None:
     """The full model state dict on rank 0 (CPU tensors, HF names), None on the other ranks.
 
     A collective: call it on every rank. Under ZeRO-3 the parameters of one module at a time are gathered
@@ -258,7 +272,8 @@ def gather_full_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str
     the device. Under ZeRO-2 every rank already holds the full (updated) parameters. Tied parameters (GPT-2's
     `lm_head.weight` and `transformer.wte.weight`) appear under every name, as the same CPU tensor, like
     `model.state_dict()`, so `load_state_dict(strict=True)` and `save_pretrained(state_dict=...)` accept it.
-    Non-persistent buffers are left out, as `state_dict()` does. `dtype` casts floating tensors.
+    Non-persistent buffers are left out, as `state_dict()` does. `dtype` casts floating tensors. `only`: the
+    names to gather (e.g. LoRA adapters), the others are neither gathered nor returned.
     """
     module = engine.module if hasattr(engine, "module") else engine
     is_rank0 = get_rank() == 0
@@ -271,15 +286,17 @@ def gather_full_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str
 
     for prefix, submodule in module.named_modules(remove_duplicate=False):
         prefix = f"{prefix}." if prefix else ""
-        params = [p for p in submodule.parameters(recurse=False) if p is not None]
+        named = [(name, p) for name, p in submodule.named_parameters(recurse=False)
+                 if p is not None and (only is None or only(prefix + name))]
+        params = [p for _, p in named]
         # GatheredParameters ignores parameters without ds_id (ZeRO-2, persistent ZeRO-3 parameters)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
             if is_rank0:
-                for name, param in submodule.named_parameters(recurse=False):
+                for name, param in named:
                     if id(param) not in copies:
                         copies[id(param)] = to_cpu(param)
                     state[prefix + name] = copies[id(param)]
-        if is_rank0:
+        if is_rank0 and only is None:
             for name, buffer in submodule.named_buffers(recurse=False):
                 if buffer is not None and name not in submodule._non_persistent_buffers_set:
                     state[prefix + name] = to_cpu(buffer)

@@ -6,7 +6,8 @@ sums tensors over the data-parallel ranks (the identity on one process). The sam
 single-process reference computation in the tests and the sharded update in Ray Train workers.
 
 Per iteration (Ziegler et al. 2019; Huang et al., "The N Implementation Details of RLHF with PPO"):
-1. reference log-probs and critic values of the sampled tokens, with no gradient;
+1. reference log-probs (skipped while the KL coefficient is 0: nothing would use them) and critic values
+   of the sampled tokens, with no gradient;
 2. scores: reward scale, the missing-EOS penalty, then `r_t = -beta * KL_t` plus the score on the
    last response token (or the KL as a loss term, GRPO style);
 3. advantages: GAE over response tokens, or critic-free GRPO / RLOO over groups of one prompt;
@@ -24,7 +25,7 @@ import torch
 
 from rlhf_ray.algorithms import (
     broadcast_to_tokens, explained_variance, gae, grpo_advantages, gspo_policy_loss, kl_estimate, kl_loss,
-    kl_penalized_rewards, logprobs_from_logits, masked_entropy, masked_whiten, policy_loss,
+    kl_penalized_rewards, logprobs_from_logits, masked_entropy, masked_whiten, overlong_penalty, policy_loss,
     reinforce_pp_advantages, rloo_advantages, value_loss,
 )
 from rlhf_ray.config import PPOConfig
@@ -58,7 +59,7 @@ class Experience:
 
     batch: PackedBatch
     old_logprobs: torch.Tensor  # behaviour log-probs recorded when sampling
-    ref_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None  # None: the KL coefficient is 0, the reference pass was skipped
     values: torch.Tensor | None  # None without a critic
     advantages: torch.Tensor
     returns: torch.Tensor | None
@@ -126,22 +127,32 @@ def micro_batch_rows(groups: list[np.ndarray], device) -> list[tuple[torch.Tenso
             for rows in groups]
 
 
-def sequence_scores(rewards: np.ndarray, eos: np.ndarray, cfg: PPOConfig) -> torch.Tensor:
-    """The task scores (B,) PPO optimises: scaled, and the missing-EOS penalty where set."""
+def sequence_scores(rewards: np.ndarray, eos: np.ndarray, cfg: PPOConfig, lengths: np.ndarray | None = None,
+                    max_new_tokens: int | None = None) -> torch.Tensor:
+    """The task scores (B,) PPO optimises: scaled, the missing-EOS penalty where set, and DAPO's overlong
+    shaping (`cfg.overlong_buffer`) of responses of `lengths` tokens out of `max_new_tokens`."""
     scores = torch.as_tensor(np.asarray(rewards, dtype=np.float32) * cfg.reward_scale)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(torch.as_tensor(np.asarray(eos, dtype=bool)), scores,
                              torch.tensor(cfg.missing_eos_penalty, dtype=torch.float32))
+    if cfg.overlong_buffer is not None:
+        if lengths is None or max_new_tokens is None:
+            raise ValueError("ppo.overlong_buffer needs the response lengths and rollout.max_new_tokens")
+        scores = scores + overlong_penalty(torch.as_tensor(np.asarray(lengths)), max_new_tokens, cfg.overlong_buffer,
+                                           cfg.overlong_penalty_factor)
     return scores
 
 
 @torch.no_grad()
 def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef: float,
                     temperature: float, pad_id: int, reducer: Reducer = Reducer(),
-                    max_tokens: int | None = None, proximal: bool = False) -> tuple[Experience, dict]:
+                    max_tokens: int | None = None, proximal: bool = False,
+                    max_new_tokens: int | None = None) -> tuple[Experience, dict]:
     """Experience and rollout statistics from this rank's episodes (whole prompt groups for GRPO/RLOO).
 
-    The reference and critic passes run in micro-batches of at most `max_tokens` padded tokens.
+    The reference and critic passes run in micro-batches of at most `max_tokens` padded tokens. With
+    `kl_coef` 0 the reference pass is skipped (no KL term to compute; `objective/kl` is then not logged:
+    the held-out evaluation reports the KL to the reference, `train.eval_every`).
     `proximal`: the episodes were sampled by an older policy than the actor's (overlapped rollouts), so
     the actor's own log-probs are computed too, as the proximal policy of decoupled PPO (`policy_loss`);
     every rank must pass the same value (the pass is a collective under ZeRO-3).
@@ -156,26 +167,30 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     mask = batch.response_mask
     groups = micro_batches(np.array([len(e.prompt_ids) for e in episodes]),
                            np.array([len(e.response_ids) for e in episodes]), max_tokens, reducer)
-    ref_logprobs = torch.zeros_like(mask)  # (B, R)
+    ref_logprobs = torch.zeros_like(mask) if kl_coef > 0 else None  # (B, R)
     critic_values = torch.zeros_like(mask) if cfg.advantage_estimator == "gae" else None
     proximal_logprobs = torch.zeros_like(mask) if proximal else None
     for index, _ in micro_batch_rows(groups, device):  # a weight-0 pass rewrites row 0 with the same values
         micro = batch.select(index)
         width = micro.response_mask.shape[1]
-        ref_logprobs[index, :width] = response_logprobs(reference, micro, temperature)
+        if ref_logprobs is not None:
+            ref_logprobs[index, :width] = response_logprobs(reference, micro, temperature)
         if critic_values is not None:
             critic_values[index, :width] = response_values(critic, micro) * micro.response_mask
         if proximal_logprobs is not None:
             proximal_logprobs[index, :width] = response_logprobs(actor, micro, temperature)
-    scores = sequence_scores([e.reward for e in episodes], [e.eos for e in episodes], cfg).to(device)  # (B,)
+    scores = sequence_scores([e.reward for e in episodes], [e.eos for e in episodes], cfg,
+                             [len(e.response_ids) for e in episodes], max_new_tokens).to(device)  # (B,)
 
     kl_cfg = cfg.kl
-    kl = torch.where(mask.bool(), kl_estimate(old_logprobs, ref_logprobs, kl_cfg.estimator), 0.0)  # (B, R)
+    kl = (torch.zeros_like(mask) if ref_logprobs is None
+          else torch.where(mask.bool(), kl_estimate(old_logprobs, ref_logprobs, kl_cfg.estimator), 0.0))  # (B, R)
     values = returns = None
     # with the KL as a loss term (in_reward false) the reward is the score alone
     reward_kl_coef = kl_coef if kl_cfg.in_reward else 0.0
     if cfg.advantage_estimator in ("gae", "reinforce_pp"):
-        rewards, _ = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, reward_kl_coef, kl_cfg.estimator)
+        rewards, _ = kl_penalized_rewards(scores, old_logprobs, old_logprobs if ref_logprobs is None else ref_logprobs,
+                                          mask, reward_kl_coef, kl_cfg.estimator)
         if cfg.advantage_estimator == "gae":
             values = critic_values  # (B, R)
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -195,10 +210,11 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
         "rollout/reward_mean": reducer.mean(scores.sum(), count),
         "rollout/response_len": reducer.mean(mask.sum(), count),
         "rollout/eos_frac": reducer.mean(sum(e.eos for e in episodes), count),
-        "objective/kl": reducer.mean(kl.sum(), count),  # per sequence, nats
-        "objective/rlhf_reward": reducer.mean(scores.sum() - kl_coef * kl.sum(), count),
         "objective/kl_coef": kl_coef,
     }
+    if ref_logprobs is not None:
+        stats["objective/kl"] = reducer.mean(kl.sum(), count)  # per sequence, nats
+        stats["objective/rlhf_reward"] = reducer.mean(scores.sum() - kl_coef * kl.sum(), count)
     if proximal_logprobs is not None:
         return Experience(batch, proximal_logprobs, ref_logprobs, values, advantages, returns, old_logprobs), stats
     return Experience(batch, old_logprobs, ref_logprobs, values, advantages, returns), stats
@@ -230,6 +246,7 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
         raise ValueError(f"{len(experience)} episodes on this rank do not split into minibatches of {local_minibatch}")
     totals: dict[str, float] = {}
     steps = 0
+    gap = LogprobGap()
     for _epoch in range(cfg.epochs):
         order = torch.randperm(len(experience), generator=generator)
         for start in range(0, len(experience), local_minibatch):
@@ -261,8 +278,10 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
                                                     cfg.clip_eps_high, aggregation, norm_length)
                 entropy = masked_entropy(logits, mask)
                 loss = -cfg.entropy_coef * entropy
-                if not cfg.kl.in_reward:
+                if not cfg.kl.in_reward and mb.ref_logprobs is not None:
                     loss = loss + kl_coef * kl_loss(logprobs, mb.ref_logprobs, mask, cfg.kl.estimator)
+                if steps == 0 and mb.behaviour_logprobs is None:  # the policy that sampled, before any step
+                    gap.add(logprobs.detach(), mb.old_logprobs, mask, weight)
                 del logits
                 actor.backward(pg_loss * pg_scale + loss * scale)
                 step_stats = {"policy/loss": pg_loss.detach(), "objective/entropy": entropy.detach(),
@@ -289,8 +308,56 @@ def ppo_update(actor, critic, experience: Experience, cfg: PPOConfig, kl_coef: f
                 count = len(rows) if per_sequence and name == "policy/loss" else local_tokens
                 totals[name] = totals.get(name, 0.0) + reducer.mean(value, count)
             steps += 1
-    stats = {name: total / steps for name, total in totals.items()}
+    stats = {name: total / steps for name, total in totals.items()} | gap.stats(reducer)
     if experience.values is not None:
         stats["val/explained_variance"] = explained_variance(experience.values, experience.returns,
                                                              experience.mask).item()
     return stats
+
+
+class LogprobGap:
+    """|learner - sampler| log-prob of the response tokens (`rollout/logprob_diff_mean`, `_max`).
+
+    Measured on the first minibatch of an update, whose forward pass runs before any optimizer step: the
+    learner's log-probs of the very policy that sampled. Sampler and learner run different code (a KV-cache
+    decode against a full forward, other kernels and dtypes on GPU), and a gap that grows is what makes RL
+    runs collapse in the peers; off-policy episodes (overlap) are not measured, their policies differ.
+    """
+
+    def __init__(self):
+        self.total, self.tokens, self.max = 0.0, 0.0, torch.tensor(0.0)
+
+    def add(self, learner: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor, weight: float) -> None:
+        if weight:
+            diff = (learner - sampler).abs() * mask
+            self.total += float(diff.sum())
+            self.tokens += float(mask.sum())
+            self.max = torch.maximum(self.max, diff.max().cpu())
+
+    def stats(self, reducer: Reducer) -> dict:
+        tokens = float(reducer.sum(torch.tensor(self.tokens, dtype=torch.float64)))
+        if not tokens:  # every rank skipped (off-policy episodes): the same decision on all of them
+            return {}
+        return {"rollout/logprob_diff_mean": float(reducer.sum(torch.tensor(self.total, dtype=torch.float64))) / tokens,
+                "rollout/logprob_diff_max": float(reducer.max(self.max.double()))}
+
+
+@torch.no_grad()
+def sequence_kl(episodes, reference, temperature: float, pad_id: int, reducer: Reducer = Reducer(),
+                max_tokens: int | None = None) -> torch.Tensor:
+    """KL(policy || reference) of each episode (B,), nats: the k1 estimate summed over its response tokens,
+    from the log-probs its sampler recorded and the reference's. Unbiased for episodes sampled from the policy
+    (held-out evaluation); every rank must call it (the reference pass is a collective under ZeRO-3)."""
+    batch = pack_episodes([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_id)
+    sampled = torch.zeros_like(batch.response_mask)
+    for row, episode in enumerate(episodes):
+        sampled[row, : len(episode.behaviour_logprobs)] = torch.tensor(episode.behaviour_logprobs)
+    device = _device_of(reference)
+    batch, sampled = batch.to(device), sampled.to(device)
+    ref_logprobs = torch.zeros_like(sampled)
+    groups = micro_batches(np.array([len(e.prompt_ids) for e in episodes]),
+                           np.array([len(e.response_ids) for e in episodes]), max_tokens, reducer)
+    for index, _ in micro_batch_rows(groups, device):
+        micro = batch.select(index)
+        ref_logprobs[index, :micro.response_mask.shape[1]] = response_logprobs(reference, micro, temperature)
+    return ((sampled - ref_logprobs) * batch.response_mask).sum(-1)

@@ -132,6 +132,23 @@ def sample_responses(config: RunConfig, policy_path: Path | None, prompts: list[
     return [e.response for e in episodes]
 
 
+def check_lora(config: RunConfig, policy_path: Path, report: PreflightReport) -> None:
+    """`model.lora.target_modules` exist in the policy: adapters put on its architecture, without weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_ray.models.lora import add_adapters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy_path))
+    try:
+        adapted = add_adapters(model, config.model.lora)
+    except ValueError as err:
+        raise PreflightError(one_line(err)) from err
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    report.checked.append(f"model.lora ({trainable:,} adapter parameters)")
+
+
 def _reward_keys(config: RunConfig) -> list[tuple[str, str]]:
     """(config key, model folder) of every reward model the reward reads."""
     keys = [(f"reward.components.{name}.model", c.model) for name, c in (config.reward.components or {}).items()
@@ -179,8 +196,12 @@ def _preflight_ppo(config: RunConfig, made: set[str], report: PreflightReport, o
         path = check_model(key, config.expand(name), report, on_cluster)
         if key == "model.policy":
             policy_path = path
+    if config.model.lora is not None and policy_path is not None:
+        check_lora(config, policy_path, report)
     if config.data.prompt_dataset is not None:
         check_dataset("data.prompt_dataset", config.data.prompt_dataset, report, "prompts", on_cluster)
+    if config.train.eval_every and config.data.eval_dataset is not None:
+        check_dataset("data.eval_dataset", config.data.eval_dataset, report, "prompts", on_cluster)
     pending = [key for key, path in _reward_keys(config) if _stage_output(path, made)]
     if pending:  # the reward reads a model that an earlier stage makes: PPO's own preflight calls it
         report.skipped.extend(f"{key} (made by the reward_model stage)" for key in pending)

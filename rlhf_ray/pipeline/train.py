@@ -81,6 +81,7 @@ def rollout_pool(config: RunConfig) -> RolloutPool:
     spec = WorkerSpec(policy=config.expand(config.model.policy), reward=reward_spec(config), params=sampling_params(config),
                       max_length=config.rollout.max_length, max_batch=config.rollout.max_batch, dtype=config.model.dtype,
                       use_gpu=config.rollout.use_gpu, num_cpus=config.rollout.num_cpus,
+                      torch_threads=config.rollout.torch_threads,
                       actor_options={"resources": dict(config.rollout.resources)} if config.rollout.resources else {})
     rollout = config.rollout
     limits = PoolLimits(start_timeout_s=rollout.start_timeout_s, max_start_failures=rollout.max_start_failures,
@@ -92,18 +93,34 @@ def follow_metrics(path: Path, total: int, done: threading.Event) -> None:
     """A progress bar over iterations, fed by the lines rank 0 appends to metrics.jsonl."""
     from tqdm import tqdm
 
-    shown = None
+    shown, held_out = None, None
     with tqdm(total=total, desc="ppo", unit="it", dynamic_ncols=True) as bar:
         while True:
             lines = path.read_text().splitlines() if path.exists() else []
             if lines and lines[-1] != shown:  # a resumed run rewrites the file: follow its last line
                 shown, metrics = lines[-1], json.loads(lines[-1])
                 bar.n = metrics["iteration"]
-                bar.set_postfix(reward=f"{metrics['rollout/reward_mean']:+.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                                workers=metrics["pool/workers"])
+                held_out = metrics.get("eval/reward_mean", held_out)
+                bar.set_postfix(progress_fields(metrics, held_out))
             if done.is_set():
                 break
             time.sleep(0.5)
+
+
+def progress_fields(metrics: dict, held_out: float | None) -> dict[str, str]:
+    """What the progress bar shows: the batch's reward, the latest held-out reward (`train.eval_every`; the
+    batch's reward follows its prompts), the KL to the reference (when the reference pass ran) and workers."""
+    fields = {}
+    if "rollout/reward_mean" in metrics:
+        fields["reward"] = f"{metrics['rollout/reward_mean']:+.3f}"
+    if held_out is not None:
+        fields["eval"] = f"{held_out:+.3f}"
+    kl = metrics.get("objective/kl", metrics.get("eval/kl"))
+    if kl is not None:
+        fields["kl"] = f"{kl:.3f}"
+    if "pool/workers" in metrics:
+        fields["workers"] = str(metrics["pool/workers"])
+    return fields
 
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "policy", "ray_train")

@@ -79,6 +79,7 @@ class WorkerSpec:
     dtype: str = "float32"
     use_gpu: bool = False
     num_cpus: float = 1.0
+    torch_threads: int | None = None  # None: num_cpus rounded down, at least 1
     actor_options: dict = field(default_factory=dict)
 
 
@@ -130,7 +131,8 @@ class RolloutPool:
                    "max_restarts": 0, **self.spec.actor_options}
         handle = RemoteRolloutWorker.options(**options).remote(
             worker_id, self.spec.policy, self.spec.reward, self.spec.params, self.spec.max_length,
-            self.spec.dtype, self.spec.use_gpu, self.spec.max_batch)
+            self.spec.dtype, self.spec.use_gpu, self.spec.max_batch,
+            self.spec.torch_threads or max(1, int(self.spec.num_cpus)))
         if self._weights_ref is not None:  # catch up with the learner before the first chunk
             handle.set_weights.remote(self._weights_ref, self.policy_version)
         self.starting[worker_id] = (handle, handle.info.remote())

@@ -24,6 +24,11 @@ def prompt_texts(config: RunConfig, tokenizer=None) -> list[str]:
     return list(config.data.prompts) if config.data.prompts is not None else list(BUILTIN_PROMPTS)
 
 
+def held_out_prompt_texts(config: RunConfig, tokenizer=None) -> list[str]:
+    """The first `train.eval_prompts` prompts of `data.eval_dataset`, formatted as the PPO prompts are."""
+    return [r.prompt for r in config.data.eval_dataset.load_prompts(tokenizer)[:config.train.eval_prompts]]
+
+
 def reward_spec(config: RunConfig) -> dict:
     """The `reward` section with "{run}" expanded to the absolute run folder, as rollout workers get it."""
     from pathlib import Path

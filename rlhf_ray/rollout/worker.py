@@ -2,7 +2,8 @@
 
 Actors stay thin (shared/STYLE.md): the sampling is `Sampler.generate`, which tests call without
 Ray. Rollout workers never generate through the sharded learner engine; they receive full weights
-by `set_weights` after every update (the TRL / DeepSpeed-Chat ZeRO-3 generation bottleneck).
+by `set_weights` after every update (the TRL / DeepSpeed-Chat ZeRO-3 generation bottleneck), or under
+LoRA only the adapters, which they merge into the base weights they keep (`rlhf_ray.models.lora`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from rlhf_ray.models import load_policy
 from rlhf_ray.models.loading import DTYPES
+from rlhf_ray.models.lora import AdapterMerger, is_adapter_payload
 from rlhf_ray.rewards.composite import build_reward
 from rlhf_ray.decoding import keep_freed_memory
 from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams
@@ -80,15 +82,18 @@ class RolloutWorker:
 
     def __init__(self, worker_id: str, policy: str, reward: str | dict, params: SamplingParams,
                  max_length: int | None = None, dtype: str = "float32", use_gpu: bool = False,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, torch_threads: int = 1):
         self.worker_id = worker_id
         self.policy_version = 0
+        self.adapters: AdapterMerger | None = None  # LoRA: the base weights of the adapted layers
         # A failing constructor would kill the actor, and Ray would report only "died while starting"; kept
         # here, the error reaches the pool by `info()` with its own type and message (a reward that cannot
         # be imported is the user's error: no restart can fix it).
         self.start_error: Exception | None = None
         try:
             keep_freed_memory()  # each decoding step's (B, V) tensors reuse the last step's memory
+            if not use_gpu:
+                torch.set_num_threads(torch_threads)
             device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
             self.model, self.tokenizer = load_policy(policy, dtype=DTYPES[dtype], device=device)
             self.sampler = Sampler(self.model, self.tokenizer, build_reward(reward, device=device), params,
@@ -108,9 +113,16 @@ class RolloutWorker:
         return RolloutChunk(episodes, self.worker_id, time.perf_counter() - start, self.sampler.last_reward_s)
 
     def set_weights(self, state_dict: dict, version: int) -> int:
-        """Load full policy weights: a state dict, or `to_shared_arrays` of one (what the pool sends)."""
+        """Load the policy's weights: a state dict or LoRA adapters (`adapter_payload`), or `to_shared_arrays`
+        of one (what the pool sends)."""
         if state_dict and isinstance(next(iter(state_dict.values())), tuple):
             state_dict = from_shared_arrays(state_dict)
+        if is_adapter_payload(state_dict):  # LoRA: only adapters travel; W = W0 + B A on the kept base
+            if self.adapters is None:
+                self.adapters = AdapterMerger(self.model)
+            self.adapters.apply(state_dict)
+            self.policy_version = version
+            return version
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         # a tied weight (lm_head = embedding) may be sent once, under either name
         tensors = self.model.state_dict(keep_vars=True)

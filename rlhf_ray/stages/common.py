@@ -13,10 +13,11 @@ import torch
 
 from rlhf_ray.config import RunConfig, StageConfig
 from rlhf_ray.learner.distributed import get_rank, get_world_size, use_worker_cpus
-from rlhf_ray.learner.engine import EngineConfig, learner_engine_config
+from rlhf_ray.learner.engine import EngineConfig, gather_full_state_dict, learner_engine_config
 from rlhf_ray.learner.launch import describe_failure, learner_group
 from rlhf_ray.models.folders import save_hf_folder
 from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
+from rlhf_ray.models.lora import add_adapters, merge_adapters
 
 SUMMARY = "summary.json"  # written last into a stage's folder before it is renamed into place
 
@@ -35,9 +36,24 @@ def start_stage(loop_config: dict, name: str) -> tuple[RunConfig, StageConfig, P
     config = RunConfig.model_validate(loop_config["config"])
     stage = getattr(config, name)
     torch.manual_seed(config.seed)
-    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu)
+    use_worker_cpus(config.learner.cpus_per_worker, config.learner.use_gpu, config.learner.torch_threads,
+                    node_is_idle=True)  # a stage runs alone
     base = resolve_model_path(config.expand(stage.base))
     return config, stage, Path(loop_config["out"]), base, load_tokenizer(base)
+
+
+def with_lora(model: torch.nn.Module, config: RunConfig, trainable: tuple[str, ...] = ()) -> torch.nn.Module:
+    """The stage's model in the run's LoRA adapters (`model.lora`), `trainable` modules trained in full; as is
+    without LoRA."""
+    return model if config.model.lora is None else add_adapters(model, config.model.lora, trainable, config.seed)
+
+
+def trained_state_dict(engine, config: RunConfig, export: torch.nn.Module | None) -> dict | None:
+    """The trained weights for `export` (rank 0; None elsewhere), adapters merged in; a collective."""
+    state = gather_full_state_dict(engine, dtype=torch.float32)
+    if state is None or config.model.lora is None:
+        return state
+    return merge_adapters(export, state, config.model.lora)
 
 
 def split_records(records: Sequence, eval_fraction: float, seed: int) -> tuple[list, list]:

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, global_mean
-from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
+from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards.reward_model import STATS_FILE, join_prompt_response
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage,
+    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage, trained_state_dict,
+    with_lora,
 )
 
 
@@ -70,7 +71,8 @@ def reward_model_loop(loop_config: dict) -> None:
     train, heldout = split_records(records, stage.eval_fraction, config.seed)
     engine_cfg = stage_engine_config(stage, config)
     dtype = DTYPES[config.model.dtype]
-    engine = create_engine(load_reward_model(base, dtype, tokenizer.pad_token_id), engine_cfg,
+    engine = create_engine(with_lora(load_reward_model(base, dtype, tokenizer.pad_token_id), config, ("score",)),
+                           engine_cfg,
                            train_batch_size=stage.batch_size)
     writer = StageWriter(out)
     micro, length = engine_cfg.micro_batch_size, stage.max_length
@@ -99,8 +101,8 @@ def reward_model_loop(loop_config: dict) -> None:
         after = held_out(epoch + 1, step)
 
     stats = evaluate_pairs(engine, tokenizer, train, length, micro)  # moments of the final scores
-    state = gather_full_state_dict(engine, dtype=torch.float32)
     export = load_reward_model(base, torch.float32, tokenizer.pad_token_id) if get_rank() == 0 else None
+    state = trained_state_dict(engine, config, export)
     if get_rank() == 0:
         (writer.tmp / STATS_FILE).write_text(json.dumps({"mean": stats["mean"], "std": stats["std"]}) + "\n")
     writer.finish(export, state, tokenizer, {

@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.learner.distributed import get_rank, global_mean, global_token_mean_loss
-from rlhf_ray.learner.engine import create_engine, gather_full_state_dict
+from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage,
+    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage, trained_state_dict,
+    with_lora,
 )
 
 
@@ -60,8 +61,8 @@ def sft_loop(loop_config: dict) -> None:
     pairs = tokenize_demonstrations(stage.data.load_sft(tokenizer), tokenizer, stage.max_length)
     train, heldout = split_records(pairs, stage.eval_fraction, config.seed)
     engine_cfg = stage_engine_config(stage, config)
-    engine = create_engine(AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[config.model.dtype]), engine_cfg,
-                           train_batch_size=stage.batch_size)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[config.model.dtype])
+    engine = create_engine(with_lora(model, config), engine_cfg, train_batch_size=stage.batch_size)
     writer = StageWriter(out)
     pad, micro = tokenizer.pad_token_id, engine_cfg.micro_batch_size
 
@@ -81,8 +82,8 @@ def sft_loop(loop_config: dict) -> None:
         eval_loss = heldout_loss(engine, heldout, pad, micro) if heldout else None
         writer.log({"epoch": epoch + 1, "step": step, "sft/eval_loss": eval_loss})
 
-    state = gather_full_state_dict(engine, dtype=torch.float32)
     export = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32) if get_rank() == 0 else None
+    state = trained_state_dict(engine, config, export)
     writer.finish(export, state, tokenizer, {
         "stage": "sft", "base": str(stage.base), "train_records": len(train), "eval_records": len(heldout),
         "steps": step, "eval_loss_before": before, "eval_loss_after": eval_loss,
