@@ -87,6 +87,33 @@ def test_after_a_sync_every_worker_holds_the_learner_weights(local_ray, tiny_mod
     assert after_join[late] == state_dict_digest(learner_weights)
 
 
+def test_a_lora_sync_leaves_every_worker_with_the_learners_merged_weights(local_ray, tiny_model_dir, policy):
+    """Only adapters travel; each worker merges them into its base weights, a late joiner too, and a second
+    sync replaces the first's update. Workers run the torch threads they are given."""
+    from rlhf_ray.config import LoraSettings
+    from rlhf_ray.models.lora import adapter_payload, add_adapters, merge_adapters
+
+    model, _ = policy
+    lora = LoraSettings(r=4, alpha=8.0, target_modules=["c_attn", "c_fc"])
+    learner = add_adapters(copy.deepcopy(model), lora)
+    spec = WorkerSpec(policy=str(tiny_model_dir), reward=REWARD, params=PARAMS, num_cpus=0.5, torch_threads=2)
+    pool = RolloutPool(spec, num_workers=1)
+    try:
+        for version in (1, 2):
+            with torch.no_grad():
+                for name, param in learner.named_parameters():
+                    if "lora_B" in name:
+                        param.add_(0.05 * torch.randn_like(param))
+            pool.set_weights(adapter_payload(learner.state_dict(), lora.alpha / lora.r), version)
+            merged = state_dict_digest(merge_adapters(model, learner.state_dict(), lora))
+            assert set(pool.weights_digests().values()) == {merged}
+        late = pool.add_worker()
+        assert pool.weights_digests()[late] == merged
+        assert all(ray.get(w.info.remote(), timeout=60)["torch_threads"] == 2 for w in pool.workers.values())
+    finally:
+        pool.shutdown()
+
+
 def test_dead_worker_prompts_are_requeued(local_ray, tiny_model_dir, policy):
     _, tokenizer = policy
     prompt_ids, seeds = prompts_and_seeds(tokenizer, 8)

@@ -74,7 +74,9 @@ def ppo_train_loop(loop_config: dict) -> None:
     metrics and checkpoint; at the end the final policy, or why the run stopped (module docstring)."""
     config = RunConfig.model_validate(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
+    loading = time.perf_counter()
     learner = load_learner(config)
+    learner.load_s = time.perf_counter() - loading
     driver = None
     if learner.rank == 0:
         driver = RolloutDriver(config, loop_config["pool"], loop_config["control"], run_dir, learner)
@@ -119,6 +121,7 @@ class Learner:
     kl_controller: AdaptiveKLController | FixedKLController
     generator: torch.Generator  # minibatch shuffling, this rank's own
     torch_threads: int
+    load_s: float = 0.0  # seconds to load the models and start their engines
 
 
 def engine_config(config: RunConfig, world_size: int, lr: float) -> EngineConfig:
@@ -280,7 +283,8 @@ class RolloutDriver:
         from rlhf_ray.rollout.run_sampler import prompt_texts
 
         self.config, self.pool, self.control, self.run_dir = config, pool, control, run_dir
-        self.tokenizer, self.torch_threads = learner.tokenizer, learner.torch_threads
+        self.learner = learner
+        self.tokenizer = learner.tokenizer
         self.stop: RunStopped | None = None
         self.writer: MetricsWriter | None = None
         self.next_rollout = None  # rollout.overlap: the next iteration's episodes, on their way
@@ -314,7 +318,8 @@ class RolloutDriver:
         truncate_metrics(self.run_dir / "metrics.jsonl", state.iteration if state.iteration else -1)
         self.writer = MetricsWriter(self.run_dir)
         log_event(self.run_dir, "learner_start", iteration=state.iteration,
-                  resumed_from=str(latest) if latest else None, torch_threads=self.torch_threads)
+                  resumed_from=str(latest) if latest else None, torch_threads=self.learner.torch_threads,
+                  load_s=self.learner.load_s)
         if latest is not None:
             print(f"resuming from {latest} (iteration {state.iteration}, policy version {state.policy_version})")
             self.send_weights(weights, state.policy_version)

@@ -22,7 +22,7 @@ from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.errors import stop_reason
 from rlhf_ray.learner.distributed import deepspeed_worker_env
 from rlhf_ray.learner.launch import describe_failure, learner_group
-from rlhf_ray.learner.train_loop import ppo_train_loop
+from rlhf_ray.learner.train_loop import log_event, ppo_train_loop
 from rlhf_ray.pipeline.preflight import preflight
 from rlhf_ray.rollout.elastic import start_control
 from rlhf_ray.rollout.pool import PoolLimits, RolloutPool, WorkerSpec
@@ -136,7 +136,7 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
     a `TrainingError` whose message is that error's and whose `log` is the traceback's file.
     """
     config = config.with_absolute_paths()
-    preflight(config, stages=("ppo",))
+    report = preflight(config, stages=("ppo",))
     run_dir = Path(config.run_dir)
     if fresh:
         for name in (*RUN_OUTPUTS, "events.jsonl", "error.log"):
@@ -144,7 +144,10 @@ def train(config: RunConfig, address: str | None = None, progress: bool = True, 
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
+    started = time.perf_counter()
     start_ray(config, address)
+    # where the start-up goes (with the learner_start event's load_s and the first iteration's times)
+    log_event(run_dir, "launch", preflight_s=report.seconds, ray_start_s=time.perf_counter() - started)
     check_resources(config)
     workers = config.rollout.workers
     control = start_control(config.name, workers.min, workers.max)

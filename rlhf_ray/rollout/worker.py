@@ -142,7 +142,7 @@ class RolloutWorker:
         if self.start_error is not None:
             raise self.start_error
         return {"worker_id": self.worker_id, "pid": os.getpid(), "policy_version": self.policy_version,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "torch_threads": torch.get_num_threads()}
 
 
 RemoteRolloutWorker = ray.remote(RolloutWorker)
