@@ -16,6 +16,9 @@ stderr with a `[name]` prefix. The table then takes from each JSON:
 | sync | seconds per `RolloutPool.set_weights` | `ray.put` + `ray.get` of the same weights | <= 1 s (135M, 2 workers) |
 | scaling | pool tokens/s with k workers | k x tokens/s with 1 worker | ratio (efficiency) >= 0.8 |
 | serve | batched requests/s, highest concurrency | unbatched requests/s | none |
+| peer_trl | GRPO seconds per iteration; whole command; held-out reward | TRL `GRPOTrainer`, same settings | ratio <= 0.5; <= 1.0; not lower |
+
+`peer_trl` needs TRL (`pip install -e ".[bench]"`); without it its row says so and it counts as skipped, not failed.
 
 A benchmark that fails (non-zero exit, no JSON, or over `--timeout`) gets a row with its error, the
 others still run, and the script exits with 1 at the end. `--json PATH` writes the machine, each
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -39,7 +43,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("rollout", "ppo", "learner", "sync", "scaling", "serve")
+NAMES = ("rollout", "ppo", "learner", "sync", "scaling", "serve", "peer_trl")
+# benchmarks that need an optional package: skipped with this note when it is not installed
+NEEDS = {"peer_trl": ("trl", 'TRL not installed: pip install -e ".[bench]"')}
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -56,9 +62,11 @@ def commands(args) -> dict[str, list[str]]:
             "sync": ["--quick", "--workers", str(args.sync_workers)],
             "scaling": ["--quick", *scaling_workers],
             "serve": ["--concurrency", "4", "--requests", "8", "--repeats", "1", "--max-tokens", "4", "--no-engine"],
+            "peer_trl": ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "8",
+                         "--eval-samples", "2"],
         }
     return {"rollout": [], "ppo": [], "learner": [], "sync": ["--workers", str(args.sync_workers)],
-            "scaling": scaling_workers, "serve": []}
+            "scaling": scaling_workers, "serve": [], "peer_trl": []}
 
 
 def machine() -> dict:
@@ -198,7 +206,31 @@ def serve_rows(result: dict) -> list[dict]:
                 unbatched["requests_per_s"], batched["requests_per_s"] / unbatched["requests_per_s"], unit="req/s")]
 
 
-ROWS = {"rollout": rollout_rows, "ppo": ppo_rows, "learner": learner_rows, "sync": sync_rows, "scaling": scaling_rows, "serve": serve_rows}
+def peer_trl_rows(result: dict) -> list[dict]:
+    s = result["settings"]
+    what = (f"GRPO {s['model']}, {s['steps']} steps of {s['prompts_per_step']} prompts x {s['group_size']}, "
+            f"≤ {s['max_new_tokens']} tokens, loss {s['loss_type']}")
+    rows = {r["measure"]: r for r in result["table"]}
+
+    def pick(prefix: str) -> dict:
+        return next(r for measure, r in rows.items() if measure.startswith(prefix))
+
+    iteration, command = pick("seconds per iteration"), pick("whole command")
+    heldout, last = pick("held-out reward, "), pick("reward after the last step")
+    return [
+        row("peer_trl", f"s per iteration, median after the first, {what} (vs TRL {result['trl_version']})",
+            iteration["rlhf_ray"], iteration["trl"], iteration["ratio"], "ratio ≤ 0.5", iteration["met"], "s"),
+        row("peer_trl", "whole command s, same run (vs TRL)", command["rlhf_ray"], command["trl"], command["ratio"],
+            "ratio ≤ 1.0", command["met"], "s"),
+        row("peer_trl", f"{heldout['measure']} (vs TRL)", heldout["rlhf_ray"], heldout["trl"], None,
+            heldout["goal"], heldout["met"]),
+        row("peer_trl", "reward after the last step, batch mean (vs TRL)", last["rlhf_ray"], last["trl"], None),
+        row("peer_trl", f"cores and threads of both: {result['threads_note']}", None, None, None),
+    ]
+
+
+ROWS = {"rollout": rollout_rows, "ppo": ppo_rows, "learner": learner_rows, "sync": sync_rows, "scaling": scaling_rows,
+        "serve": serve_rows, "peer_trl": peer_trl_rows}
 
 
 def number(value: float | None) -> str:
@@ -246,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_all_") as tmp:
         for name in NAMES:
             if name in args.skip:
+                continue
+            if name in NEEDS and importlib.util.find_spec(NEEDS[name][0]) is None:
+                print(f"[{name}] skipped: {NEEDS[name][1]}", file=sys.stderr, flush=True)
+                records[name] = {"skipped": NEEDS[name][1], "error": None}
+                rows.append(row(name, f"{name}: skipped", None, None, None, met=f"skipped: {NEEDS[name][1]}"))
                 continue
             record = run_benchmark(name, argvs[name], Path(tmp) / f"{name}.json", args.timeout)
             records[name] = record

@@ -142,7 +142,8 @@ def use_worker_cpus(cpus: int, use_gpu: bool, threads: int | None = None, node_i
     `threads` when given; else, when nothing else computes on the node while the rank does (`node_is_idle`:
     rollouts that do not overlap the update wait for it, and a supervised stage runs alone), the node's Ray
     CPUs shared among the learner ranks on it, since a rank held to its own `cpus` Ray CPUs would leave the
-    rollout workers' cores idle through every update; else its `cpus`.
+    rollout workers' cores idle through every update; else its `cpus`. Never more than the cores this
+    process may run on (a local Ray may count more logical CPUs than the machine has).
     """
     if use_gpu:
         return torch.get_num_threads()
@@ -151,7 +152,8 @@ def use_worker_cpus(cpus: int, use_gpu: bool, threads: int | None = None, node_i
         if node_is_idle and ray.is_initialized():
             node = ray.get_runtime_context().get_node_id()
             node_cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
-            threads = max(cpus, int(node_cpus) // max(1, local_world_size()))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = max(cpus, min(int(node_cpus), cores) // max(1, local_world_size()))
     torch.set_num_threads(threads)
     return threads
 
