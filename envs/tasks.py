@@ -19,7 +19,7 @@ words, too far from right for a few hundred updates) and a JSON object of a desc
 nothing left to learn).
 
 Every task has a prompt generator, deterministic from its random generator (`experiments/data/
-make_tasks.py` writes the train and held-out files with them), and a reward with the project's
+make_data.py` writes the train and held-out files with them), and a reward with the project's
 signature, `<task>_reward(prompts, responses) -> scores` in [0, 1], so a config names only
 `envs.tasks:<task>_reward`. A scorer reads the task's parameters (numbers, topic, word) from the
 prompt. The prompt a reward receives is decoded from the policy's prompt tokens: for a chat model, the

@@ -315,5 +315,5 @@ def test_shipped_datasets_are_what_make_data_writes(tmp_path):
     make_data = make_data_module()
     assert make_data.main(["--check"]) == 0, "experiments/data is stale: run python experiments/data/make_data.py"
     make_data.main(["--out", str(tmp_path)])  # and a second run writes the same bytes
-    for written in tmp_path.iterdir():
-        assert written.read_bytes() == (DATA_DIR / written.name).read_bytes()
+    for written in (path for path in tmp_path.rglob("*") if path.is_file()):
+        assert written.read_bytes() == (DATA_DIR / written.relative_to(tmp_path)).read_bytes()

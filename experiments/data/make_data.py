@@ -15,6 +15,10 @@ Two worlds:
    - assistant_prompts.jsonl / assistant_prompts_heldout.jsonl   {"prompt"}: held-out topics are unseen
    - assistant_sft.jsonl                     {"prompt", "response"}: the polite, concise answers
    - assistant_preferences.jsonl             {"prompt", "chosen", "rejected"}: ~200 pairs
+3. The verifiable tasks of `envs.tasks`, from each task's own prompt generator:
+   - tasks/<task>_train.jsonl / tasks/<task>_heldout.jsonl   {"prompt"}: the held-out prompts are drawn
+     first and none of them is in the train file, so the held-out score (`train.eval_every`,
+     `rlhf-ray eval`) is measured on prompts the policy never trained on
 
     python experiments/data/make_data.py            # rewrite the files beside this script
     python experiments/data/make_data.py --check    # exit 1 if they differ from what it would write
@@ -284,9 +288,26 @@ def assistant_datasets(rng: random.Random) -> dict[str, list[dict]]:
 
 # ---------------------------------------------------------------- files
 
+TASK_SEED = 20260101
+TASK_TRAIN, TASK_HELDOUT = 200, 48
+
+
+def task_datasets(seed: int = TASK_SEED) -> dict[str, list[dict]]:
+    """{tasks/<file>: records} of every task of `envs.tasks`; each task's prompts from its own seed, so adding
+    a task changes no other task's files."""
+    from envs.tasks import TASKS
+
+    datasets = {}
+    for offset, task in enumerate(TASKS.values()):
+        prompts = task.prompts(TASK_HELDOUT + TASK_TRAIN, seed + offset)
+        datasets[f"tasks/{task.name}_heldout.jsonl"] = [{"prompt": p} for p in prompts[:TASK_HELDOUT]]
+        datasets[f"tasks/{task.name}_train.jsonl"] = [{"prompt": p} for p in prompts[TASK_HELDOUT:]]
+    return datasets
+
+
 def all_datasets(seed: int = SEED) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    return {**toy_datasets(rng), **assistant_datasets(rng)}
+    return {**toy_datasets(rng), **assistant_datasets(rng), **task_datasets()}
 
 
 def as_jsonl(records: list[dict]) -> str:
@@ -306,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(name)
             continue
-        args.out.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         print(f"{path}: {len(records)} records")
     if stale:

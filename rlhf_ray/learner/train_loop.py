@@ -404,6 +404,7 @@ class RolloutDriver:
             **self.sampling,
             "perf/experience_s": times["perf/experience_s"], "perf/update_s": update_s,
             "perf/sync_s": times["perf/sync_s"], "perf/iteration_s": time.perf_counter() - started,
+            **({"perf/eval_s": times["perf/eval_s"]} if "perf/eval_s" in times else {}),
             "perf/rollout_tokens_per_s": response_tokens / max(rollout_s, 1e-9),
             "perf/learner_tokens_per_s": learner_tokens / max(update_s, 1e-9),
         })
