@@ -10,7 +10,8 @@ already do, in the form the prompt asks for:
 - `addition`: "What is 14 + 7? Answer with the number only." 1 for the bare sum, 0.5 when the last
   number of a longer answer is the sum ("14 + 7 = 21", the base model's usual form), else 0.
 - `word_count`: "Write one sentence about the sea in exactly 7 words." min(words, n) / max(words, n),
-  and 0 when the sentence does not name its topic.
+  and 0 when the sentence does not name its topic or echoes the instruction (a 30-minute GRPO run with
+  no KL term learned "A park in exactly 10 words: park", which the first version of the scorer rewarded).
 - `start_word`: 'Start your answer with the word "Honestly". Do cats like water?' 1 / the position of the
   word among the answer's words (0 without it), halved for the word alone.
 
@@ -107,12 +108,17 @@ def count_words(text: str) -> int:
     return sum(any(c.isalnum() for c in piece) for piece in text.split())
 
 
+_ECHO = re.compile(r"\d|\bexactly\b|\bwords?\b|\bsentences?\b")  # the instruction's own words, or a count
+
+
 def word_count_score(prompt: str, response: str) -> float:
     """min(words, n) / max(words, n): 1 at exactly n, 7 words for 8 -> 0.875, 16 for 8 -> 0.5; 0 when the
-    response does not contain the topic's word (as the start of a word: "dogs" names "dog")."""
+    response does not contain the topic's word (as the start of a word: "dogs" names "dog"), or talks about
+    the instruction instead of the topic (a digit, "exactly", "word(s)", "sentence(s)")."""
     topic, n = _task_match(_WORD_COUNT, prompt, "word_count").groups()
     n, words = int(n), count_words(response)
-    if not words or not re.search(rf"\b{topic}", response.lower()):
+    text = response.lower()
+    if not words or not re.search(rf"\b{topic}", text) or _ECHO.search(text):
         return 0.0
     return min(words, n) / max(words, n)
 

@@ -104,7 +104,7 @@ def test_a_reward_failing_on_iteration_2_stops_the_run_at_once_and_the_fixed_run
     assert lines[-2] == f"rlhf-ray: the traceback is in {run / 'error.log'}"
     assert "fails_on_marker" in (run / "error.log").read_text()
     # not retried: one learner start, and the reason recorded; iteration 1's checkpoint intact, no final policy
-    assert [e["event"] for e in events(run)] == ["learner_start", "stopped"]
+    assert [e["event"] for e in events(run)] == ["launch", "learner_start", "stopped"]
     assert [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert (run / "checkpoints" / "iter_000001" / "run_state.json").is_file()
     assert not (run / "policy").exists()

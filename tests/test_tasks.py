@@ -46,6 +46,9 @@ def test_addition_score(response, score):
     ("Sea \u2014 calm, blue, endless, and deep.", 6 / 7),  # a lone dash is not a word
     ("The lake is calm and blue today.", 0.0),             # off topic
     ("Overseas trips are calm and blue today.", 0.0),      # "sea" inside a word does not name it
+    ("A sea in exactly 7 words: sea", 0.0),                # the instruction echoed (what a run learned)
+    ("The sea in seven words is calm today.", 0.0),        # "words"
+    ("The sea has 3 calm blue waves today.", 0.0),         # a digit
     ("", 0.0), ("   \n", 0.0),
 ])
 def test_word_count_score(response, score):

@@ -59,9 +59,13 @@ def test_train_without_critic_grpo_evaluating_on_held_out_prompts(tmp_path):
     before, after = rows[0], rows[2]
     assert "eval/reward_mean" not in rows[1]
     assert abs(before["eval/kl"]) < 1e-3 < after["eval/kl"]  # the start policy is the reference
-    assert "held-out reward" in proc.stdout
+    assert "held-out reward" in proc.stdout and after["perf/eval_s"] > 0
+    samples = [json.loads(line) for line in (tmp_path / "grpo" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in samples] == [0] * 6 + [2] * 6  # every held-out answer, before and after
+    assert sum(s["reward"] for s in samples[6:]) / 6 == pytest.approx(after["eval/reward_mean"])
     events = [json.loads(line) for line in (tmp_path / "grpo" / "events.jsonl").read_text().splitlines()]
-    assert events[0]["torch_threads"] == 2  # the rollout workers wait for the update: both cores
+    assert [e["event"] for e in events] == ["launch", "learner_start"]
+    assert events[1]["torch_threads"] == 2  # the rollout workers wait for the update: both cores
 
 
 def test_train_with_overlap_micro_batches_and_continuous_batching(tmp_path):
@@ -160,3 +164,15 @@ def test_train_starts_its_own_ray_beside_a_ray_already_running_on_the_machine(tm
         except subprocess.TimeoutExpired:  # ...or is made to
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=20)
+
+
+def test_the_progress_bar_shows_the_latest_held_out_reward_and_the_kl_it_has():
+    from rlhf_ray.pipeline.train import progress_fields
+
+    row = {"iteration": 3, "rollout/reward_mean": 0.25, "objective/kl": 1.5, "pool/workers": 2}
+    assert progress_fields(row, None) == {"reward": "+0.250", "kl": "1.500", "workers": "2"}
+    # KL coefficient 0 (no reference pass): the held-out KL of the last evaluation
+    row = {"iteration": 4, "rollout/reward_mean": 0.5, "eval/reward_mean": 0.75, "eval/kl": 2.0, "pool/workers": 1}
+    assert progress_fields(row, 0.75) == {"reward": "+0.500", "eval": "+0.750", "kl": "2.000", "workers": "1"}
+    assert progress_fields({"iteration": 0, "eval/reward_mean": 0.1, "eval/kl": 0.0}, 0.1) == {"eval": "+0.100",
+                                                                                               "kl": "0.000"}

@@ -67,6 +67,7 @@ from rlhf_ray.sampling import episode_seed
 
 CONTROL_TIMEOUT_S = 60.0  # the run's control actor lives on the driver's node and answers at once
 HELD_OUT_SEEDS = 2**32  # the "iteration" of the held-out episodes' seeds: no training iteration's
+EVAL_SAMPLES = "eval_samples.jsonl"  # train.eval_every: each held-out answer, with its iteration
 
 
 def ppo_train_loop(loop_config: dict) -> None:
@@ -82,7 +83,7 @@ def ppo_train_loop(loop_config: dict) -> None:
         driver = RolloutDriver(config, loop_config["pool"], loop_config["control"], run_dir, learner)
     state, weights = resume(run_dir, learner, driver)
     if state.iteration == 0 and config.train.eval_every:  # the start policy's held-out score: the "before"
-        held_out = evaluate(learner, driver)
+        held_out = evaluate(learner, driver, 0)
         if driver:
             driver.writer.write({"iteration": 0, "policy_version": 0, **held_out})
     for iteration in range(state.iteration, config.train.iterations):
@@ -96,7 +97,7 @@ def ppo_train_loop(loop_config: dict) -> None:
         state, weights = publish_policy(learner, driver, state, times)
         if evaluates(config, state.iteration):
             with timed(times, "perf/eval_s"):
-                metrics.update(evaluate(learner, driver))
+                metrics.update(evaluate(learner, driver, state.iteration))
         if driver:
             driver.write_metrics(metrics, state, episodes, staleness, learner_tokens, times, started)
         if state.iteration % config.train.checkpoint_every == 0 or state.iteration == config.train.iterations:
@@ -219,13 +220,13 @@ def evaluates(config: RunConfig, iteration: int) -> bool:
     return bool(every) and (iteration % every == 0 or iteration == config.train.iterations)
 
 
-def evaluate(learner: Learner, driver: RolloutDriver | None) -> dict:
+def evaluate(learner: Learner, driver: RolloutDriver | None, iteration: int) -> dict:
     """`eval/*` of the current policy on the held-out prompts (every rank takes part: the KL's reference pass
     is a collective under ZeRO-3): the mean reward and each component's, the response length, and the KL to
     the reference over the episodes that split evenly over the ranks. {} once the run is stopping."""
     from rlhf_ray.learner.ppo import sequence_kl
 
-    episodes = broadcast_object(driver.sample_held_out() if driver else None)
+    episodes = broadcast_object(driver.sample_held_out(iteration) if driver else None)
     if isinstance(episodes, StopMarker):
         return {}
     config = learner.config
@@ -315,7 +316,8 @@ class RolloutDriver:
         `learner_start` event, and after a resume the checkpoint's policy on the rollout workers."""
         prune_incomplete(self.run_dir, keep_after=state.iteration)
         # from iteration 0 everything runs again, the start policy's evaluation (row 0) too
-        truncate_metrics(self.run_dir / "metrics.jsonl", state.iteration if state.iteration else -1)
+        for name in ("metrics.jsonl", EVAL_SAMPLES):
+            truncate_metrics(self.run_dir / name, state.iteration if state.iteration else -1)
         self.writer = MetricsWriter(self.run_dir)
         log_event(self.run_dir, "learner_start", iteration=state.iteration,
                   resumed_from=str(latest) if latest else None, torch_threads=self.learner.torch_threads,
@@ -324,16 +326,21 @@ class RolloutDriver:
             print(f"resuming from {latest} (iteration {state.iteration}, policy version {state.policy_version})")
             self.send_weights(weights, state.policy_version)
 
-    def sample_held_out(self):
+    def sample_held_out(self, iteration: int):
         """The current policy's episodes for the held-out prompts (the same seeds at every evaluation), or a
-        `StopMarker` once the run stops. Sent after the latest weights, so the workers answer with those."""
+        `StopMarker` once the run stops. Sent after the latest weights, so the workers answer with those.
+        Every answer goes to `eval_samples.jsonl` with the iteration, to read how the answers change."""
         if self.stop is None:
             with self.stopping():
                 if self.held_out_ids is None:
                     self.held_out_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"]
                                          for t in held_out_prompt_texts(self.config, self.tokenizer)]
                 seeds = [episode_seed(self.config.seed, HELD_OUT_SEEDS, j) for j in range(len(self.held_out_ids))]
-                return self.pool.submit(self.held_out_ids, seeds).result()  # bounded by rollout.timeout_s
+                episodes = self.pool.submit(self.held_out_ids, seeds).result()  # bounded by rollout.timeout_s
+                with (self.run_dir / EVAL_SAMPLES).open("a") as f:
+                    f.writelines(json.dumps({"iteration": iteration, "prompt": e.prompt, "response": e.response,
+                                             "reward": e.reward, "eos": e.eos}) + "\n" for e in episodes)
+                return episodes
         return StopMarker()
 
     def collect(self, iteration: int):

@@ -123,7 +123,8 @@ def progress_fields(metrics: dict, held_out: float | None) -> dict[str, str]:
     return fields
 
 
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "policy", "ray_train")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "eval_samples.jsonl", "tensorboard", "policy", "policy_adapter",
+               "ray_train")
 
 
 def train(config: RunConfig, address: str | None = None, progress: bool = True, fresh: bool = False) -> Path:
