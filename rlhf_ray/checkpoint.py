@@ -9,7 +9,7 @@
 `run_state.json` is written after every rank has finished its part (a barrier), so a checkpoint
 without it is incomplete (the run died while writing) and is never loaded. Rollout randomness needs
 no state: each episode's seed derives from (run seed, iteration, index), and the iteration's prompts
-from the iteration alone (`learner.train_loop.iteration_prompts`).
+from the iteration alone (`learner.driver.iteration_prompts`).
 """
 
 from __future__ import annotations

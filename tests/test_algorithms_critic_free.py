@@ -94,7 +94,7 @@ def test_reinforce_pp_whitens_the_return_to_go_over_the_batch():
 def test_dynamic_sampling_keeps_the_groups_whose_rewards_differ():
     from types import SimpleNamespace
 
-    from rlhf_ray.learner.train_loop import split_informative_groups
+    from rlhf_ray.learner.driver import split_informative_groups
 
     episodes = [SimpleNamespace(reward=r, name=i) for i, r in enumerate([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.25])]
     informative, dropped = split_informative_groups(episodes, 2)

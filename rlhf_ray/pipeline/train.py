@@ -22,7 +22,8 @@ from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.errors import stop_reason
 from rlhf_ray.learner.distributed import deepspeed_worker_env
 from rlhf_ray.learner.launch import describe_failure, learner_group
-from rlhf_ray.learner.train_loop import log_event, ppo_train_loop
+from rlhf_ray.learner.driver import log_event
+from rlhf_ray.learner.train_loop import ppo_train_loop
 from rlhf_ray.pipeline.preflight import preflight
 from rlhf_ray.rollout.elastic import start_control
 from rlhf_ray.rollout.pool import PoolLimits, RolloutPool, WorkerSpec
