@@ -7,8 +7,11 @@ about 0.1-0.5); and where the score has steps between 0 and 1, so that the sampl
 differ and a group baseline (GRPO) has something to push on. The tasks ask for what such a model can
 already do, in the form the prompt asks for:
 
-- `addition`: "What is 14 + 7? Answer with the number only." 1 for the bare sum, 0.5 when the last
-  number of a longer answer is the sum ("14 + 7 = 21", the base model's usual form), else 0.
+- `addition`: "What is 14 + 7? Answer with the number only." 1 when the answer's last number is the sum,
+  bare or in a longer answer ("14 + 7 = 21", the base model's usual form), else 0. The score checks the
+  sum, not the form: the first scorer gave 0.5 for a longer answer, and a 135M model never samples the bare
+  correct sum (0 of 256 samples at temperature 0.7: its bare numbers are all wrong), so a 40-iteration run
+  learned correct sums (12 -> 28 of 32) in the one form it had and stopped at the 0.5 ceiling.
 - `word_count`: "Write one sentence about the sea in exactly 7 words." min(words, n) / max(words, n),
   and 0 when the sentence does not name its topic or echoes the instruction (a 30-minute GRPO run with
   no KL term learned "A park in exactly 10 words: park", which the first version of the scorer rewarded).
@@ -70,13 +73,10 @@ def addition_prompt(rng: random.Random) -> str:
 
 
 def addition_score(prompt: str, response: str) -> float:
-    """1 when the response is the sum alone (a final period allowed), 0.5 when its last number is the sum."""
+    """1 when the response's last number is the sum ("21", "14 + 7 = 21", "The answer is 21."), else 0."""
     a, b = map(int, _task_match(_ADDITION, prompt, "addition").groups())
-    answer = str(a + b)
-    if response.strip().rstrip(".").strip() == answer:
-        return 1.0
     numbers = _NUMBER.findall(response)
-    return 0.5 if numbers and numbers[-1] == answer else 0.0
+    return 1.0 if numbers and numbers[-1] == str(a + b) else 0.0
 
 
 def addition_reward(prompts: list[str], responses: list[str]) -> np.ndarray:

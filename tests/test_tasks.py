@@ -30,7 +30,7 @@ START_WORD = 'Start your answer with the word "Honestly". Do cats like water?'
 
 @pytest.mark.parametrize("response, score", [
     ("21", 1.0), (" 21.\n", 1.0),                          # the bare sum
-    ("14 + 7 = 21", 0.5), ("The answer is 21.", 0.5),     # the sum, last, in a longer answer
+    ("14 + 7 = 21", 1.0), ("The answer is 21.", 1.0),     # the sum, last, in a longer answer
     ("21, or maybe 22", 0.0), ("14 + 7 = 22", 0.0),        # the last number is not the sum
     ("twenty-one", 0.0), ("", 0.0), ("211", 0.0), ("-21", 0.0),
 ])
@@ -72,7 +72,7 @@ def test_start_word_score(response, score):
 
 
 @pytest.mark.parametrize("reward, prompt, responses, scores", [
-    (addition_reward, ADDITION, ["21", "14 + 7 = 21", "no idea"], [1.0, 0.5, 0.0]),
+    (addition_reward, ADDITION, ["21", "14 + 7 = 22", "no idea"], [1.0, 0.0, 0.0]),
     (word_count_reward, WORD_COUNT, ["The sea is calm and blue today.", "The sea is calm.", "Rain."],
      [1.0, 4 / 7, 0.0]),
     (start_word_reward, START_WORD, ["Honestly, no.", "No, honestly.", "No."], [1.0, 0.5, 0.0]),
