@@ -34,15 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import write_json  # experiments/benchlib.py
+from benchlib import progress, write_json  # experiments/benchlib.py
 
 # one torch thread per worker, and no progress bars or logs from the workers' model loads
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def progress(message: str, since: float) -> None:
-    print(f"[{time.perf_counter() - since:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def make_prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:

@@ -42,17 +42,13 @@ import time
 import warnings
 from pathlib import Path
 
-from benchlib import write_json  # experiments/benchlib.py
+from benchlib import progress, write_json  # experiments/benchlib.py
 
 ZERO_COPY_ENV = "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"
 # weight-loading progress bars and logs of every worker would bury the table
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
              "OMP_NUM_THREADS": "1"}
 MODELS = ("smollm2-shape", "tiny")
-
-
-def progress(message: str, since: float) -> None:
-    print(f"[{time.perf_counter() - since:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def build_model_folder(kind: str, folder: Path):
@@ -295,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("zero_copy_floor_s", "floor: ray.put + get as NumPy + load_state_dict")]:
         print(f"{label:<52} {medians[name]:>9.4f} {model_bytes / medians[name] / 1e9:>7.2f} "
               f"{sync_s / medians[name]:>10.2f}")
-    print(f"\nLoRA r=16: only the adapters travel; workers merge them into the base weights they keep")
+    print("\nLoRA r=16: only the adapters travel; workers merge them into the base weights they keep")
     print(f"{'sync':<32} {'MB sent':>9} {'fewer bytes':>12} {'seconds':>9} {'faster':>8}")
     print(f"{'full state dict':<32} {model_bytes / 1e6:>9.2f} {1:>11.0f}x {sync_s:>9.4f} {1:>7.1f}x")
     for label, row in lora.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -13,3 +14,8 @@ def write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def progress(message: str, since: float) -> None:
+    """`message` on stderr, stamped with the seconds since `since` (a `time.perf_counter()`)."""
+    print(f"[{time.perf_counter() - since:6.1f} s] {message}", file=sys.stderr, flush=True)
