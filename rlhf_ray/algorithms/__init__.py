@@ -7,6 +7,7 @@
 * `losses`: PPO policy and value losses, KL loss, log-probs and entropy from logits, explained variance.
 * `critic_free`: what Dr.GRPO, DAPO, GSPO and REINFORCE++ add: loss aggregation modes, informative groups,
   the overlong penalty, GSPO's sequence-level loss, REINFORCE++ advantages.
+* `preference`: losses on preference pairs: DPO, conservative DPO, IPO, SimPO.
 
 Tensors are per response token, (B, T), with a response mask (B, T) that is 1 for real response
 tokens and 0 for padding and tokens after EOS.
@@ -49,21 +50,33 @@ from rlhf_ray.algorithms.masked import (
     masked_var,
     masked_whiten,
 )
+from rlhf_ray.algorithms.preference import (
+    PreferenceLoss,
+    PreferenceLossType,
+    dpo_loss,
+    ipo_loss,
+    sequence_logps,
+    simpo_loss,
+)
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KLEstimator",
     "LossAggregation",
+    "PreferenceLoss",
+    "PreferenceLossType",
     "SumReduce",
     "aggregate_token_losses",
     "broadcast_to_tokens",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae",
     "grpo_advantages",
     "gspo_policy_loss",
     "informative_groups",
+    "ipo_loss",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
@@ -82,5 +95,7 @@ __all__ = [
     "policy_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "sequence_logps",
+    "simpo_loss",
     "value_loss",
 ]
