@@ -1,7 +1,7 @@
 """The `rlhf-ray` command line.
 
     rlhf-ray train CONFIG [key=value ...] [--address ADDR]   run PPO; outputs in runs/<name>/
-    rlhf-ray pipeline CONFIG [key=value ...]  SFT -> reward model -> PPO, finished stages skipped
+    rlhf-ray pipeline CONFIG [key=value ...]  SFT -> reward model -> PPO (or SFT -> DPO), finished stages skipped
     rlhf-ray config CONFIG [key=value ...]     print the resolved configuration
     rlhf-ray submit CONFIG --address http://HEAD:8265 [--no-wait] [key=value ...]   train as a Ray Job
     rlhf-ray jobs status|logs|stop|list ...    follow submitted jobs
@@ -98,7 +98,7 @@ def cmd_pipeline(args) -> int:
         raise
     except (StageError, TrainingError, RunStopped) as err:
         return run_failed(err)
-    print("stages: " + ", ".join(f"{stage} {state}" for stage, state in status.items()))
+    print("stages: " + ", ".join(f"{stage} {state}" for stage, state in status.items() if state != "absent"))
     if status.get("ppo") == "ran":
         _print_reward_line(Path(config.run_dir) / "metrics.jsonl")
     print(f"run folder: {config.run_dir}")
@@ -146,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("train", "run PPO as configured", cmd_train, runs=True).add_argument(
         "--fresh", action="store_true",
         help="start over, deleting the run folder's checkpoints and metrics (default: resume)")
-    command("pipeline", "run SFT, reward model and PPO in order, skipping finished stages", cmd_pipeline,
-            runs=True).add_argument("--stages", default="sft,reward_model,ppo",
-                                    help="comma-separated stages to run (default: all three, in order)")
+    command("pipeline", "run SFT, reward model, DPO and PPO in order, skipping finished stages", cmd_pipeline,
+            runs=True).add_argument("--stages", default="sft,reward_model,dpo,ppo",
+                                    help="comma-separated stages to run (default: every stage the config has)")
     command("config", "print the resolved configuration", cmd_config)
     command("sample", "sample and score a batch of episodes from the policy", cmd_sample)
     resize = command("scale", "change a running run's number of rollout workers", cmd_scale, config=False)

@@ -2,12 +2,12 @@
 
 from rlhf_ray.config.loading import ConfigError, apply_overrides, dump_config, load_config
 from rlhf_ray.config.schema import (
-    DataConfig, KLConfig, LearnerConfig, LoraSettings, ModelConfig, PPOConfig, RewardComponent, RewardConfig,
+    DataConfig, DPOStageConfig, KLConfig, LearnerConfig, LoraSettings, ModelConfig, PPOConfig, RewardComponent, RewardConfig,
     RolloutConfig, RunConfig, SamplingConfig, StageConfig, TrainConfig, WorkersConfig,
 )
 
 __all__ = [
-    "ConfigError", "DataConfig", "KLConfig", "LearnerConfig", "LoraSettings", "ModelConfig", "PPOConfig",
+    "ConfigError", "DataConfig", "DPOStageConfig", "KLConfig", "LearnerConfig", "LoraSettings", "ModelConfig", "PPOConfig",
     "RewardComponent", "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig", "StageConfig", "TrainConfig",
     "WorkersConfig", "apply_overrides", "dump_config", "load_config",
 ]

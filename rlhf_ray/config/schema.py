@@ -297,6 +297,16 @@ class StageConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
 
 
+class DPOStageConfig(StageConfig):
+    """Direct preference optimisation on (prompt, chosen, rejected) pairs (rlhf_ray/algorithms/preference.py):
+    the policy against the frozen start model, no reward model, no sampling."""
+
+    loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0)  # DPO/IPO: the KL strength; SimPO: the reward scale (about 2)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO (and SimPO): share of flipped labels
+    simpo_gamma: float = Field(0.5, ge=0.0)  # SimPO's target margin
+
+
 class RunConfig(_Section):
     name: str = "run"
     seed: int = 0
@@ -310,6 +320,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     sft: StageConfig | None = None  # `rlhf-ray pipeline`: supervised fine-tuning, written to {run}/sft
     reward_model: StageConfig | None = None  # `rlhf-ray pipeline`: Bradley-Terry RM, written to {run}/reward_model
+    dpo: DPOStageConfig | None = None  # `rlhf-ray pipeline`: DPO / IPO / SimPO on pairs, written to {run}/dpo
 
     @property
     def run_dir(self) -> str:
@@ -334,13 +345,13 @@ class RunConfig(_Section):
             return str(Path(path).resolve())
 
         data["output_dir"] = absolute(data["output_dir"])
-        for section in (data["data"], data["sft"], data["reward_model"]):
+        for section in (data["data"], data["sft"], data["reward_model"], data["dpo"]):
             for key in ("prompt_dataset", "eval_dataset", "data"):
                 if section and section.get(key):
                     section[key]["path"] = absolute(section[key]["path"])
         data["model"]["policy"] = absolute(data["model"]["policy"], must_exist=True)
         data["model"]["reference"] = absolute(data["model"]["reference"], must_exist=True)
-        for stage in (data["sft"], data["reward_model"]):
+        for stage in (data["sft"], data["reward_model"], data["dpo"]):
             if stage:
                 stage["base"] = absolute(stage["base"], must_exist=True)
         for component in (data["reward"]["components"] or {}).values():

@@ -160,18 +160,21 @@ def _reward_keys(config: RunConfig) -> list[tuple[str, str]]:
 
 def preflight(config: RunConfig, stages: Sequence[str] = ("ppo",), on_cluster: bool = False,
               log: Callable[[str], None] | None = print) -> PreflightReport:
-    """Check what the `stages` of a run (of `sft`, `reward_model`, `ppo`) will read; raise PreflightError.
+    """Check what the `stages` of a run (of `sft`, `reward_model`, `dpo`, `ppo`) will read; raise PreflightError.
 
     `config` has absolute paths (`RunConfig.with_absolute_paths`).
     """
     started = time.perf_counter()
     report = PreflightReport()
-    made = {f"{{run}}/{stage}" for stage in ("sft", "reward_model")
+    made = {f"{{run}}/{stage}" for stage in ("sft", "reward_model", "dpo")
             if stage in stages and getattr(config, stage) is not None}
-    for stage, kind in (("sft", "sft"), ("reward_model", "preferences")):
+    for stage, kind in (("sft", "sft"), ("reward_model", "preferences"), ("dpo", "preferences")):
         section = getattr(config, stage)
         if stage in stages and section is not None:
-            check_model(f"{stage}.base", config.expand(section.base), report, on_cluster)
+            if _stage_output(section.base, made):  # e.g. DPO from "{run}/sft", made by this pipeline first
+                report.skipped.append(f"{stage}.base (made by the {section.base.rstrip('/').rsplit('/', 1)[-1]} stage)")
+            else:
+                check_model(f"{stage}.base", config.expand(section.base), report, on_cluster)
             check_dataset(f"{stage}.data", section.data, report, kind, on_cluster)
     if "ppo" in stages:
         _preflight_ppo(config, made, report, on_cluster)

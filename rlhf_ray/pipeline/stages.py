@@ -1,8 +1,12 @@
-"""`rlhf-ray pipeline CONFIG`: SFT -> reward model -> PPO, each stage's output the next stage's input.
+"""`rlhf-ray pipeline CONFIG`: SFT -> reward model -> PPO, or SFT -> DPO, each stage's output the next one's input.
 
     {run}/sft/            the SFT policy (when the config has an `sft` section)
     {run}/reward_model/   the Bradley-Terry reward model (when it has a `reward_model` section)
+    {run}/dpo/            the DPO policy (when it has a `dpo` section)
     {run}/policy/ ...     the PPO run, as `rlhf-ray train` writes it
+
+With a `dpo` section, PPO runs only when it starts from the DPO model (`model.policy: "{run}/dpo"`):
+SFT -> DPO is a whole pipeline.
 
 The config wires the stages together by path: `model.policy: "{run}/sft"` starts PPO from the SFT
 model (and, with no `model.reference`, uses it as the frozen reference), and a reward component
@@ -20,7 +24,7 @@ from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.pipeline.preflight import preflight
 from rlhf_ray.stages.common import StageError, run_stage, stage_complete
 
-STAGES = ("sft", "reward_model", "ppo")
+STAGES = ("sft", "reward_model", "dpo", "ppo")
 
 
 def ppo_complete(run_dir: Path, iterations: int) -> bool:
@@ -34,11 +38,11 @@ def ppo_complete(run_dir: Path, iterations: int) -> bool:
 
 def check_wiring(config: RunConfig) -> None:
     """Fail before any stage runs when a path names a stage output that this pipeline will not make."""
-    made = {"{run}/sft": config.sft is not None, "{run}/reward_model": config.reward_model is not None}
+    made = {f"{{run}}/{stage}": getattr(config, stage) is not None for stage in STAGES[:-1]}
     paths = [("model.policy", config.model.policy), ("model.reference", config.model.reference or "")]
     paths += [(f"reward.components.{name}.model", c.model or "") for name, c in (config.reward.components or {}).items()]
-    if config.reward_model is not None:
-        paths.append(("reward_model.base", config.reward_model.base))
+    paths += [(f"{stage}.base", getattr(config, stage).base) for stage in ("reward_model", "dpo")
+              if getattr(config, stage) is not None]
     for key, path in paths:
         for output, present in made.items():
             if path.rstrip("/") == output and not present and not Path(config.expand(output)).is_dir():
@@ -56,11 +60,15 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     if unknown:
         raise StageError(f"unknown stage(s) {sorted(unknown)}; the stages are {', '.join(STAGES)}")
     from rlhf_ray.pipeline.train import start_ray, train
+    from rlhf_ray.stages.dpo import dpo_loop
     from rlhf_ray.stages.reward_model import reward_model_loop
     from rlhf_ray.stages.sft import sft_loop
 
     config = config.with_absolute_paths()
     check_wiring(config)
+    if "ppo" in stages and config.dpo is not None and config.model.policy.rstrip("/") != "{run}/dpo":
+        print("[pipeline] ppo: not run (the config has a dpo stage, and model.policy is not \"{run}/dpo\")")
+        stages = tuple(stage for stage in stages if stage != "ppo")
     # every dataset, model and reward the chosen stages read, before Ray starts (a stage's output is
     # checked once that stage has made it: PPO's own preflight runs in `train`)
     preflight(config, stages=stages)
@@ -69,7 +77,7 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     (run_dir / "pipeline.yaml").write_text(dump_config(config))
     status = {}
     for stage, section, loop in (("sft", config.sft, sft_loop), ("reward_model", config.reward_model,
-                                                                   reward_model_loop)):
+                                                                   reward_model_loop), ("dpo", config.dpo, dpo_loop)):
         out = run_dir / stage
         if stage not in stages:
             continue
@@ -98,5 +106,6 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
 
 
 def _summary_line(summary: dict) -> str:
-    keys = ("eval_loss_before", "eval_loss_after", "eval_accuracy_before", "eval_accuracy_after", "score_std")
+    keys = ("eval_loss_before", "eval_loss_after", "eval_accuracy_before", "eval_accuracy_after", "eval_margin_before",
+            "eval_margin_after", "score_std")
     return ", ".join(f"{k} {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float)))

@@ -22,20 +22,23 @@ from rlhf_ray.stages.common import (
 )
 
 
+def cut_to_length(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """A prompt and response of at most `max_length` tokens together: the prompt is cut on the left (keeping
+    at least its last token), then the response's end."""
+    excess = len(prompt) + len(response) - max_length
+    if excess > 0:
+        cut = min(excess, len(prompt) - 1)
+        prompt, excess = prompt[cut:], excess - cut
+    if excess > 0:
+        response = response[:len(response) - excess]
+    return prompt, response
+
+
 def tokenize_demonstrations(records, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) per record; too long: the prompt is cut on the left, then the response."""
-    pairs = []
-    for record in records:
-        prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
-        response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        excess = len(prompt) + len(response) - max_length
-        if excess > 0:
-            cut = min(excess, len(prompt) - 1)
-            prompt, excess = prompt[cut:], excess - cut
-        if excess > 0:
-            response = response[:len(response) - excess]
-        pairs.append((prompt, response))
-    return pairs
+    """(prompt ids, response ids + EOS) per record, cut to `max_length` (`cut_to_length`)."""
+    return [cut_to_length(tokenizer(r.prompt, add_special_tokens=False)["input_ids"],
+                          tokenizer(r.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+                          max_length) for r in records]
 
 
 def response_nll(model, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

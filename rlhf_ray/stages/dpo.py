@@ -1,0 +1,151 @@
+"""Direct preference optimisation: the policy learns from (prompt, chosen, rejected) pairs directly, with no
+reward model and no sampling (Rafailov et al. 2023; IPO and SimPO as `dpo.loss_type`).
+
+Each step reads the log-probability of the chosen and the rejected response of every pair (one forward pass
+over both, response tokens only, in PPO's layout: `rlhf_ray.models.forward`) and takes the loss of
+`rlhf_ray.algorithms.preference`. The frozen reference is the start model: its log-probabilities are
+computed once, before the first step, for every training and held-out pair (each rank its share, then
+summed across ranks) and kept in the stage folder (`reference_logps.pt`), so no second model is held
+during training; SimPO needs none. Records longer than `max_length` are cut as SFT cuts them (the prompt on
+the left first) and counted (`cut_pairs` in `summary.json`); a pair whose chosen and rejected responses are
+the same text is a data error with its file and line, or left out with `data.on_error: skip`.
+
+Logged per step, under the field's names: `dpo/loss`, `rewards/chosen`, `rewards/rejected`,
+`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`. The held-out pairs' loss,
+accuracy and margin are measured before training and after each epoch; `summary.json` has both ends.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ray.algorithms.preference import averages_log_probs, dpo_loss, ipo_loss, sequence_logps, simpo_loss
+from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, global_mean
+from rlhf_ray.learner.engine import create_engine
+from rlhf_ray.models.forward import pack_episodes, response_logprobs
+from rlhf_ray.models.loading import DTYPES
+from rlhf_ray.stages.common import (
+    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage,
+    trained_state_dict, with_lora,
+)
+from rlhf_ray.stages.sft import cut_to_length
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+def tokenize_pairs(records, tokenizer, max_length: int) -> tuple[list[tuple], int]:
+    """(prompt ids, chosen ids, prompt ids, rejected ids) per pair, each side cut to `max_length` as SFT cuts
+    (its prompt may then differ from the other side's), and how many pairs were cut. (The loader has already
+    refused, or skipped and counted, records whose chosen and rejected responses are the same text.)"""
+    pairs, cut = [], 0
+    for record in records:
+        prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
+        sides = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                 for text in (record.chosen, record.rejected)]
+        cut += any(len(prompt) + len(side) > max_length for side in sides)
+        (prompt_c, chosen), (prompt_r, rejected) = (cut_to_length(prompt, side, max_length) for side in sides)
+        pairs.append((prompt_c, chosen, prompt_r, rejected))
+    return pairs, cut
+
+
+def pair_logps(model, pairs, pad_id: int, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(chosen | prompt), log pi(rejected | prompt) (B,) in one forward pass, summed or averaged."""
+    batch = pack_episodes([p[0] for p in pairs] + [p[2] for p in pairs],
+                          [p[1] for p in pairs] + [p[3] for p in pairs], pad_id)
+    logps = sequence_logps(response_logprobs(model, batch), batch.response_mask, average=average)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+@torch.no_grad()
+def reference_logps(engine, pairs, pad_id: int, average: bool, batch_size: int) -> torch.Tensor:
+    """(N, 2) the start model's chosen and rejected log-probs of every pair: each rank its share, summed."""
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    mine = rank_slice(list(range(len(pairs))))
+    for start in range(0, len(mine), batch_size):
+        index = mine[start:start + batch_size]
+        chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, average)
+        out[index] = torch.stack([chosen, rejected], dim=1).double()
+    return all_reduce_sum(out)
+
+
+def preference_loss(stage, chosen, rejected, reference: torch.Tensor | None):
+    if stage.loss_type == "simpo":
+        return simpo_loss(chosen, rejected, stage.beta, stage.simpo_gamma, stage.label_smoothing)
+    ref_chosen, ref_rejected = reference[:, 0].to(chosen.dtype), reference[:, 1].to(chosen.dtype)
+    if stage.loss_type == "ipo":
+        return ipo_loss(chosen, rejected, ref_chosen, ref_rejected, stage.beta)
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, stage.beta, stage.label_smoothing)
+
+
+@torch.no_grad()
+def evaluate(engine, stage, pairs, reference, pad_id: int, batch_size: int) -> dict:
+    """Held-out loss, accuracy (chosen's implicit reward above rejected's) and margin, across ranks."""
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, pairs
+    mine = rank_slice(list(range(len(pairs))))
+    for start in range(0, len(mine), batch_size):
+        index = mine[start:start + batch_size]
+        chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, averages_log_probs(stage.loss_type))
+        out = preference_loss(stage, chosen, rejected, None if reference is None else reference[index])
+        sums += torch.tensor([float(out.losses.sum()), float((out.chosen_rewards > out.rejected_rewards).sum()),
+                              float((out.chosen_rewards - out.rejected_rewards).sum()), float(len(index))],
+                             dtype=torch.float64)
+    loss, correct, margin, n = all_reduce_sum(sums).tolist()
+    return {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "margin": margin / max(n, 1)}
+
+
+def dpo_loop(loop_config: dict) -> None:
+    config, stage, out, base, tokenizer = start_stage(loop_config, "dpo")
+    records = stage.data.load_preferences(tokenizer)
+    pairs, cut = tokenize_pairs(records, tokenizer, stage.max_length)
+    train, heldout = split_records(pairs, stage.eval_fraction, config.seed)
+    engine_cfg = stage_engine_config(stage, config)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[config.model.dtype])
+    engine = create_engine(with_lora(model, config), engine_cfg, train_batch_size=stage.batch_size)
+    writer = StageWriter(out)
+    pad, micro, average = tokenizer.pad_token_id, engine_cfg.micro_batch_size, averages_log_probs(stage.loss_type)
+
+    # the start model is the reference: its log-probs once, before any step (SimPO has no reference)
+    train_ref = heldout_ref = None
+    if stage.loss_type != "simpo":
+        train_ref = reference_logps(engine, train, pad, average, micro)
+        heldout_ref = reference_logps(engine, heldout, pad, average, micro) if heldout else None
+        if get_rank() == 0:
+            torch.save({"train": train_ref, "heldout": heldout_ref, "average": average}, writer.tmp / REFERENCE_FILE)
+
+    def held_out(epoch: int, step: int) -> dict | None:
+        if not heldout:
+            return None
+        result = evaluate(engine, stage, heldout, heldout_ref, pad, micro)
+        writer.log({"epoch": epoch, "step": step, **{f"eval/{k}": v for k, v in result.items()}})
+        return result
+
+    before = after = held_out(0, 0)
+    step = 0
+    for epoch in range(stage.epochs):
+        for batch in epoch_batches(len(train), stage.batch_size, epoch, config.seed):
+            index = rank_slice(batch)
+            chosen, rejected = pair_logps(engine, [train[i] for i in index], pad, average)
+            out = preference_loss(stage, chosen, rejected, None if train_ref is None else train_ref[index])
+            engine.backward(out.losses.mean())  # equal pairs per rank: DeepSpeed's mean is global
+            engine.step()
+            step += 1
+            n = len(index)
+            metrics = {"epoch": epoch + 1, "step": step}
+            for key, value in (("dpo/loss", out.losses.detach()), ("rewards/chosen", out.chosen_rewards),
+                               ("rewards/rejected", out.rejected_rewards),
+                               ("rewards/accuracies", (out.chosen_rewards > out.rejected_rewards).double()),
+                               ("rewards/margins", out.chosen_rewards - out.rejected_rewards),
+                               ("logps/chosen", chosen.detach()), ("logps/rejected", rejected.detach())):
+                metrics[key] = global_mean(float(value.double().sum()), n)
+            writer.log(metrics, show=step % 10 == 0)
+        after = held_out(epoch + 1, step)
+
+    export = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32) if get_rank() == 0 else None
+    state = trained_state_dict(engine, config, export)
+    writer.finish(export, state, tokenizer, {
+        "stage": "dpo", "base": str(stage.base), "loss_type": stage.loss_type, "beta": stage.beta,
+        "train_pairs": len(train), "eval_pairs": len(heldout), "steps": step, "cut_pairs": cut,
+        **{f"eval_{key}_{end}": result and result[key] for end, result in (("before", before), ("after", after))
+           for key in ("loss", "accuracy", "margin")},
+    })

@@ -1,0 +1,106 @@
+"""The DPO stage (rlhf_ray/stages/dpo.py): its pieces against direct computations, and `rlhf-ray pipeline`
+running it end to end on the tiny model, checked against the saved models."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_ray.data import PreferenceRecord, load_preferences
+from rlhf_ray.models import load_policy, load_tokenizer
+from rlhf_ray.stages.common import split_records
+from rlhf_ray.stages.dpo import pair_logps, tokenize_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pairs_end_with_eos_and_long_ones_are_cut_and_counted(tiny_tokenizer):
+    ids = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tiny_tokenizer.eos_token_id
+    records = [PreferenceRecord("today the movie was", "very good", "bad"),
+               PreferenceRecord("i think the day was all", "fun . fun . fun", "sad")]
+    pairs, cut = tokenize_pairs(records, tiny_tokenizer, max_length=8)
+    assert pairs[0] == (ids("today the movie was"), ids("very good") + [eos], ids("today the movie was"), ids("bad") + [eos])
+    assert cut == 1  # 6 + 6 tokens > 8 for the chosen side; the rejected side (6 + 2) fits
+    prompt_c, chosen, prompt_r, rejected = pairs[1]
+    assert len(prompt_c) + len(chosen) == 8 and prompt_c == ids("i think the day was all")[4:]
+    assert prompt_r == ids("i think the day was all") and rejected == ids("sad") + [eos]
+
+
+def test_pair_log_probs_are_the_responses_own(tiny_model_dir):
+    model, tokenizer = load_policy(tiny_model_dir)
+    eos = tokenizer.eos_token_id
+    pairs = [([5, 6, 7], [8, 9, eos], [6, 7], [10, eos]), ([5], [8, eos], [5], [11, 12, 13, eos])]
+
+    def direct(prompt, response):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0].log_softmax(-1)
+        return [float(logits[len(prompt) - 1 + t, token]) for t, token in enumerate(response)]
+
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, pairs, tokenizer.pad_token_id, average=False)
+        chosen_avg, rejected_avg = pair_logps(model, pairs, tokenizer.pad_token_id, average=True)
+    for row, (pc, c, pr, r) in enumerate(pairs):
+        assert chosen[row].item() == pytest.approx(sum(direct(pc, c)), rel=1e-5)
+        assert rejected[row].item() == pytest.approx(sum(direct(pr, r)), rel=1e-5)
+        assert rejected_avg[row].item() == pytest.approx(sum(direct(pr, r)) / len(r), rel=1e-5)
+        assert chosen_avg[row].item() == pytest.approx(sum(direct(pc, c)) / len(c), rel=1e-5)
+
+
+DPO_ONLY = ["dpo={base: rlhf-ray/tiny-gpt2, data: {path: experiments/data/preferences.jsonl}, epochs: 2, "
+            "lr: 1.0e-3, batch_size: 16, eval_fraction: 0.1}", "sft=null"]
+
+
+def run_pipeline(tmp_path, *overrides):
+    cmd = [sys.executable, "-m", "rlhf_ray.cli", "pipeline", "experiments/pipeline_dpo.yaml",
+           f"output_dir={tmp_path}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def test_dpo_stage_learns_the_held_out_preferences_against_a_reference_computed_once(tmp_path):
+    proc = run_pipeline(tmp_path, *DPO_ONLY)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "stages: dpo ran\n" in proc.stdout, proc.stdout[-2000:]
+    assert "ppo: not run" in proc.stdout
+    out = tmp_path / "pipeline_dpo" / "dpo"
+    summary = json.loads((out / "summary.json").read_text())
+    # before the first step the policy is the reference: every implicit reward is 0, the loss log 2
+    assert summary["eval_loss_before"] == pytest.approx(0.693147, abs=1e-5)
+    assert summary["eval_accuracy_before"] == 0.0 and summary["eval_margin_before"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["eval_loss_after"] < 0.6 and summary["eval_accuracy_after"] >= 0.8
+    assert summary["eval_margin_after"] > 0.0
+    assert summary["train_pairs"] + summary["eval_pairs"] == 300 and summary["cut_pairs"] == 0
+
+    # the cached reference log-probs are the start model's, summed over each response's tokens
+    base, tokenizer = load_policy("rlhf-ray/tiny-gpt2")
+    cached = torch.load(out / "reference_logps.pt")
+    assert cached["average"] is False and cached["heldout"].shape == (summary["eval_pairs"], 2)
+    records = load_preferences(ROOT / "experiments/data/preferences.jsonl")
+    pairs, _ = tokenize_pairs(records, load_tokenizer(out), max_length=512)
+    train, heldout = split_records(pairs, 0.1, seed=0)
+    with torch.no_grad():
+        chosen, rejected = pair_logps(base, heldout[:4], tokenizer.pad_token_id, average=False)
+    torch.testing.assert_close(cached["heldout"][:4].float(), torch.stack([chosen, rejected], 1), rtol=1e-4, atol=1e-4)
+
+    # the saved policy prefers the chosen responses more than the reference does: its held-out margin, recomputed
+    policy, _ = load_policy(out)
+    with torch.no_grad():
+        new_chosen, new_rejected = pair_logps(policy, heldout, tokenizer.pad_token_id, average=False)
+    margins = 0.1 * ((new_chosen - cached["heldout"][:, 0]) - (new_rejected - cached["heldout"][:, 1]))
+    assert float(margins.mean()) == pytest.approx(summary["eval_margin_after"], rel=1e-3, abs=1e-4)
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "dpo/loss" in r]
+    assert trained and {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                        "logps/chosen", "logps/rejected"} <= set(trained[-1])
+    assert trained[-1]["rewards/accuracies"] > 0.5
+
+
+def test_dpo_preflight_names_the_bad_setting_before_ray_starts(tmp_path):
+    proc = run_pipeline(tmp_path, *DPO_ONLY, "dpo.label_smoothing=0.7")
+    assert proc.returncode == 2 and "dpo.label_smoothing" in proc.stderr, proc.stderr[-2000:]
+    proc = run_pipeline(tmp_path, *DPO_ONLY, "dpo.data.path=experiments/data/sft.jsonl")
+    assert proc.returncode != 0 and "sft.jsonl:1" in proc.stderr and "chosen" in proc.stderr, proc.stderr[-2000:]
