@@ -120,6 +120,7 @@ def test_export_writes_pairs_ratings_and_statistics(store, tmp_path):
     pairs = [json.loads(line) for line in summary.preferences.read_text().splitlines()]
     assert pairs == [{"prompt": "the movie was", "chosen": " good", "rejected": " bad"},
                      {"prompt": "the movie was", "chosen": " good", "rejected": " dull"}]
+    assert summary.ties_skipped == 1  # c2's two identical choices
     ratings = [json.loads(line) for line in summary.ratings.read_text().splitlines()]
     assert sorted((r["response"], r["rating"]) for r in ratings) == [(" dull", 2), (" fun", 4), (" good", 5)]
     stats = json.loads(summary.stats.read_text())

@@ -301,10 +301,20 @@ class DPOStageConfig(StageConfig):
     """Direct preference optimisation on (prompt, chosen, rejected) pairs (rlhf_ray/algorithms/preference.py):
     the policy against the frozen start model, no reward model, no sampling."""
 
+    data: DatasetConfig | None = None  # the pairs; or feedback_db
+    # a served model's feedback database (`rlhf-ray serve --feedback-db`): the pipeline exports its preference
+    # pairs (as `rlhf-ray feedback export` does, ties left out) into {run}/dpo_feedback/ and trains on them
+    feedback_db: str | None = None
     loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
     beta: float = Field(0.1, gt=0.0)  # DPO/IPO: the KL strength; SimPO: the reward scale (about 2)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO (and SimPO): share of flipped labels
     simpo_gamma: float = Field(0.5, ge=0.0)  # SimPO's target margin
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DPOStageConfig":
+        if (self.data is None) == (self.feedback_db is None):
+            raise ValueError("set one of data (a preference dataset) and feedback_db (a feedback database)")
+        return self
 
 
 class RunConfig(_Section):
@@ -349,6 +359,8 @@ class RunConfig(_Section):
             for key in ("prompt_dataset", "eval_dataset", "data"):
                 if section and section.get(key):
                     section[key]["path"] = absolute(section[key]["path"])
+        if data["dpo"] and data["dpo"]["feedback_db"]:
+            data["dpo"]["feedback_db"] = absolute(data["dpo"]["feedback_db"])
         data["model"]["policy"] = absolute(data["model"]["policy"], must_exist=True)
         data["model"]["reference"] = absolute(data["model"]["reference"], must_exist=True)
         for stage in (data["sft"], data["reward_model"], data["dpo"]):

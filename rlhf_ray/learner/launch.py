@@ -25,12 +25,46 @@ def learner_group(loop: Callable[[dict], None], loop_config: dict, learner, name
     `LearnerConfig`); Ray Train restarts the group from the loop's last checkpoint up to `max_failures`
     times after a lost worker or node (the loop ends the run itself on a user error: `rlhf_ray.errors`)."""
     from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    return TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(learner),
-                        torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
-                        run_config=RunConfig(name=name, storage_path=str(storage_path),
-                                             failure_config=FailureConfig(max_failures=max_failures)))
+    return _trainer_class()(loop, train_loop_config=loop_config, scaling_config=scaling_config(learner),
+                            torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
+                            run_config=RunConfig(name=name, storage_path=str(storage_path),
+                                                 failure_config=FailureConfig(max_failures=max_failures)))
+
+
+# Ray Train's placement-group cleaner (a detached actor) has a thread that asks the actor-state API once a
+# second whether the controller lives, to remove the group of a controller that dies. When the group stops,
+# the controller waits for that thread to exit: in Ray 2.60 up to 2 x 1 s + the state call's 10 s, and the
+# state call does hang on a small machine, so every fit() ended with a 12 s wait ("Monitor thread did not
+# exit within 12.00 seconds"; 4 s with a 2 s state timeout: the call outlives its own timeout). The
+# controller removes its placement group itself on a normal stop; it now waits at most 1 s for the cleaner,
+# which then exits on its own.
+CLEANER_STATE_TIMEOUT_S = 2
+CLEANER_STOP_TIMEOUT_S = 1.0
+
+
+def _trainer_class():
+    """`TorchTrainer` whose placement-group cleaner is waited for at most `CLEANER_STOP_TIMEOUT_S` when the group
+    stops; the cleaner still removes the group of a controller that dies. Plain `TorchTrainer` where Ray's
+    internals are not 2.60's."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class LearnerTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [PlacementGroupCleanerCallback(get_actor_timeout_s=CLEANER_STATE_TIMEOUT_S,
+                                                  stop_timeout=CLEANER_STOP_TIMEOUT_S)
+                    if isinstance(callback, PlacementGroupCleanerCallback) else callback
+                    for callback in super()._create_default_callbacks()]
+
+    return LearnerTrainer
 
 
 def describe_failure(err: Exception) -> str:

@@ -175,7 +175,10 @@ def preflight(config: RunConfig, stages: Sequence[str] = ("ppo",), on_cluster: b
                 report.skipped.append(f"{stage}.base (made by the {section.base.rstrip('/').rsplit('/', 1)[-1]} stage)")
             else:
                 check_model(f"{stage}.base", config.expand(section.base), report, on_cluster)
-            check_dataset(f"{stage}.data", section.data, report, kind, on_cluster)
+            if section.data is None:  # dpo.feedback_db: the pairs are exported when the stage is to run
+                report.skipped.append(f"{stage}.data (exported from {stage}.feedback_db)")
+            else:
+                check_dataset(f"{stage}.data", section.data, report, kind, on_cluster)
     if "ppo" in stages:
         _preflight_ppo(config, made, report, on_cluster)
     report.seconds = time.perf_counter() - started

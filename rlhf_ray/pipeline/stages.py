@@ -50,6 +50,29 @@ def check_wiring(config: RunConfig) -> None:
                 raise StageError(f"{key} is {path!r}, but the config has no '{stage}' section to make it")
 
 
+def export_dpo_feedback(config: RunConfig) -> RunConfig:
+    """`config` with `dpo.data` the preference pairs exported from `dpo.feedback_db` into {run}/dpo_feedback/
+    (as `rlhf-ray feedback export` writes them, ties left out and counted)."""
+    from rlhf_ray.data.config import DatasetConfig
+    from rlhf_ray.serve.feedback_store import export_feedback
+
+    db, out = Path(config.dpo.feedback_db), Path(config.run_dir) / "dpo_feedback"
+    if not db.is_file():
+        raise StageError(f"dpo.feedback_db: {db} does not exist (the database of `rlhf-ray serve --feedback-db`)")
+    try:
+        summary = export_feedback(db, out)
+    except Exception as err:  # not a feedback database, or a broken one
+        raise StageError(f"dpo.feedback_db: {db}: {err}") from err
+    print(f"[pipeline] dpo: {summary.feedback_records} feedback records in {db} -> {summary.pairs} preference pairs "
+          f"({summary.ties_skipped} ties left out) in {summary.preferences}")
+    if summary.pairs == 0:
+        raise StageError(f"dpo.feedback_db: {db} holds no preference pairs to train on ({summary.feedback_records} "
+                         f"feedback records, {summary.ties_skipped} ties)")
+    # the stage's ranks read the exported file (a config names one source: the database is done with)
+    dpo = config.dpo.model_copy(update={"data": DatasetConfig(path=str(summary.preferences)), "feedback_db": None})
+    return RunConfig.model_validate({**config.model_dump(), "dpo": dpo.model_dump()})
+
+
 def run_pipeline(config: RunConfig, address: str | None = None, progress: bool = True,
                  stages: tuple[str, ...] = STAGES) -> dict[str, str]:
     """Run the configured stages in order; returns each stage's status: 'ran', 'skipped' or 'absent'.
@@ -69,6 +92,9 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     if "ppo" in stages and config.dpo is not None and config.model.policy.rstrip("/") != "{run}/dpo":
         print("[pipeline] ppo: not run (the config has a dpo stage, and model.policy is not \"{run}/dpo\")")
         stages = tuple(stage for stage in stages if stage != "ppo")
+    if "dpo" in stages and config.dpo is not None and config.dpo.feedback_db \
+            and not stage_complete(Path(config.run_dir) / "dpo"):
+        config = export_dpo_feedback(config)
     # every dataset, model and reward the chosen stages read, before Ray starts (a stage's output is
     # checked once that stage has made it: PPO's own preflight runs in `train`)
     preflight(config, stages=stages)

@@ -213,6 +213,12 @@ def preference_pairs(records: list[dict]) -> list[dict]:
             for r in preferences for rejected in r["rejected"] if rejected != r["response"]]
 
 
+def tied_pairs(records: list[dict]) -> int:
+    """How many pairs `preference_pairs` leaves out because the chosen and rejected texts are the same."""
+    preferences = latest([r for r in records if r["kind"] == "preference"], key=lambda r: r["completion_id"])
+    return sum(rejected == r["response"] for r in preferences for rejected in r["rejected"])
+
+
 def ratings(records: list[dict]) -> list[dict]:
     """The latest rating of each choice."""
     rated = latest([r for r in records if r["kind"] == "rating"],
@@ -249,6 +255,7 @@ class ExportSummary:
     pairs: int
     rated: int
     feedback_records: int
+    ties_skipped: int = 0  # pairs of identical texts, left out of preferences.jsonl
 
     def as_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -275,7 +282,8 @@ def export_feedback(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> E
     pairs, rated = preference_pairs(records), ratings(records)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(out_dir / "preferences.jsonl", out_dir / "ratings.jsonl", out_dir / "rating_stats.json",
-                            pairs=len(pairs), rated=len(rated), feedback_records=len(records))
+                            pairs=len(pairs), rated=len(rated), feedback_records=len(records),
+                            ties_skipped=tied_pairs(records))
     _write_atomically(summary.preferences, _jsonl(pairs))
     _write_atomically(summary.ratings, _jsonl(rated))
     _write_atomically(summary.stats, json.dumps(rating_stats(rated), indent=2) + "\n")
