@@ -98,6 +98,14 @@ def test_dpo_stage_learns_the_held_out_preferences_against_a_reference_computed_
                         "logps/chosen", "logps/rejected"} <= set(trained[-1])
     assert trained[-1]["rewards/accuracies"] > 0.5
 
+    # `rlhf-ray eval RUN` on a pipeline that ended with DPO: its dpo/ against the stage's start
+    from rlhf_ray.cli import main
+    run = tmp_path / "pipeline_dpo"
+    assert main(["eval", str(run), "--prompts", str(ROOT / "experiments/data/prompts_heldout.jsonl"),
+                 "--num-prompts", "4", "--max-new-tokens", "4"]) == 0
+    info = json.loads((run / "eval" / "eval.json").read_text())["info"]
+    assert info["policy"] == str(out) and info["reference"] == "rlhf-ray/tiny-gpt2"
+
 
 def test_dpo_preflight_names_the_bad_setting_before_ray_starts(tmp_path):
     proc = run_pipeline(tmp_path, *DPO_ONLY, "dpo.label_smoothing=0.7")

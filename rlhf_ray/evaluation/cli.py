@@ -5,7 +5,8 @@
                   [--samples K] [--device DEVICE] [--out DIR]
 
 RUN_OR_POLICY is a run folder (`runs/<name>`: its config.yaml and policy/, or the latest checkpoint's
-policy while the run has none yet) or, with --config, a policy folder or model name. The prompts are
+policy while the run has none yet; for a pipeline that ended with DPO, its dpo/ against the DPO stage's
+start) or, with --config, a policy folder or model name. The prompts are
 `data.eval_dataset` of the config or --prompts (a JSONL/Parquet file read with the default field
 names; chat-formatted when the policy's tokenizer has a template); when its records have a response,
 it is the reference text of BLEU/ROUGE. The reference model is --reference, else `model.reference`,
@@ -29,6 +30,7 @@ from rlhf_ray.config import RunConfig, load_config
 
 EXIT_FAILED = 1
 RUN_CONFIG = "config.yaml"
+PIPELINE_CONFIG = "pipeline.yaml"  # `rlhf-ray pipeline`'s; a pipeline ending with DPO has no config.yaml
 
 
 class EvalInputError(ValueError):
@@ -66,6 +68,13 @@ def resolve_target(target: str, config_path: str | None, overrides: list[str]) -
         # "{run}" is this folder wherever it now is, not the output_dir the run was started with
         config = config.model_copy(update={"output_dir": str(path.parent), "name": path.name})
         return EvalTarget(str(run_policy(path)), config, path)
+    if path.is_dir() and (path / PIPELINE_CONFIG).is_file() and (path / "dpo" / "summary.json").is_file():
+        # a pipeline that ended with DPO: its policy against DPO's start, as a PPO run's against model.policy
+        config = load_config(config_path or path / PIPELINE_CONFIG, overrides)
+        config = config.model_copy(update={"output_dir": str(path.parent), "name": path.name})
+        start = config.dpo.base if config.dpo is not None else config.model.policy
+        config = config.model_copy(update={"model": config.model.model_copy(update={"policy": start})})
+        return EvalTarget(str(path / "dpo"), config, path)
     if path.is_dir() and not (path / "config.json").is_file():
         raise EvalInputError(f"{path} is neither a run folder (no {RUN_CONFIG}) nor a policy folder (no config.json)")
     if not path.exists() and target not in BUILTIN_MODELS and (config_path is None or path.parent.is_dir()):
