@@ -66,27 +66,33 @@ def _check_pairs(*tensors: torch.Tensor) -> None:
         raise ValueError(f"expected log-probs of shape (B,) for every side of the pairs, got {sorted(shapes)}")
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> PreferenceLoss:
-    """DPO on summed log-probs (B,); `label_smoothing` > 0 is conservative DPO."""
-    _check_pairs(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+def _check_settings(beta: float, label_smoothing: float = 0.0) -> None:
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-(1 - e) log sigmoid(x) - e log sigmoid(-x): the logistic loss with a share e of the labels flipped."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> PreferenceLoss:
+    """DPO on summed log-probs (B,); `label_smoothing` > 0 is conservative DPO."""
+    _check_pairs(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    _check_settings(beta, label_smoothing)
     chosen = beta * (policy_chosen - reference_chosen)
     rejected = beta * (policy_rejected - reference_rejected)
-    logits = chosen - rejected
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+    return PreferenceLoss(_sigmoid_loss(chosen - rejected, label_smoothing), chosen.detach(), rejected.detach())
 
 
 def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float) -> PreferenceLoss:
     """IPO on length-averaged log-probs (B,): the log-ratio margin regressed onto 1 / (2 beta)."""
     _check_pairs(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_settings(beta)
     chosen = policy_chosen - reference_chosen
     rejected = policy_rejected - reference_rejected
     losses = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
@@ -97,14 +103,10 @@ def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, beta:
                label_smoothing: float = 0.0) -> PreferenceLoss:
     """SimPO on length-averaged log-probs (B,), reference-free, with target margin `gamma`."""
     _check_pairs(policy_chosen, policy_rejected)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    _check_settings(beta, label_smoothing)
     chosen, rejected = beta * policy_chosen, beta * policy_rejected
-    logits = chosen - rejected - gamma
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+    return PreferenceLoss(_sigmoid_loss(chosen - rejected - gamma, label_smoothing), chosen.detach(),
+                          rejected.detach())
 
 
 def averages_log_probs(loss_type: PreferenceLossType) -> bool:

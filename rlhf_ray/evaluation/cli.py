@@ -63,15 +63,17 @@ def resolve_target(target: str, config_path: str | None, overrides: list[str]) -
     from rlhf_ray.models.loading import BUILTIN_MODELS
 
     path = Path(target).expanduser()
-    if path.is_dir() and (path / RUN_CONFIG).is_file():
-        config = load_config(config_path or path / RUN_CONFIG, overrides)
+
+    def run_config(name: str) -> RunConfig:
+        config = load_config(config_path or path / name, overrides)
         # "{run}" is this folder wherever it now is, not the output_dir the run was started with
-        config = config.model_copy(update={"output_dir": str(path.parent), "name": path.name})
-        return EvalTarget(str(run_policy(path)), config, path)
+        return config.model_copy(update={"output_dir": str(path.parent), "name": path.name})
+
+    if path.is_dir() and (path / RUN_CONFIG).is_file():
+        return EvalTarget(str(run_policy(path)), run_config(RUN_CONFIG), path)
     if path.is_dir() and (path / PIPELINE_CONFIG).is_file() and (path / "dpo" / "summary.json").is_file():
         # a pipeline that ended with DPO: its policy against DPO's start, as a PPO run's against model.policy
-        config = load_config(config_path or path / PIPELINE_CONFIG, overrides)
-        config = config.model_copy(update={"output_dir": str(path.parent), "name": path.name})
+        config = run_config(PIPELINE_CONFIG)
         start = config.dpo.base if config.dpo is not None else config.model.policy
         config = config.model_copy(update={"model": config.model.model_copy(update={"policy": start})})
         return EvalTarget(str(path / "dpo"), config, path)

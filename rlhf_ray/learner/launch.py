@@ -5,6 +5,7 @@ DeepSpeed rank each, running a loop function. PPO (`learner/train_loop.py`) and 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,7 @@ CLEANER_STATE_TIMEOUT_S = 2
 CLEANER_STOP_TIMEOUT_S = 1.0
 
 
+@functools.cache
 def _trainer_class():
     """`TorchTrainer` whose placement-group cleaner is waited for at most `CLEANER_STOP_TIMEOUT_S` when the group
     stops; the cleaner still removes the group of a controller that dies. Plain `TorchTrainer` where Ray's

@@ -47,6 +47,11 @@ class PreflightReport:
         return f"preflight passed in {self.seconds:.1f} s: {', '.join(self.checked)}{left}"
 
 
+def _made_by(key: str, path: str) -> str:
+    """The preflight line of a key whose model an earlier stage of this invocation makes."""
+    return f"{key} (made by the {path.rstrip('/').rsplit('/', 1)[-1]} stage)"
+
+
 def _stage_output(path: str | None, made: set[str]) -> bool:
     """`path` is `{run}/<stage>` of a stage this invocation will make (it cannot exist yet)."""
     return path is not None and path.rstrip("/") in made
@@ -172,7 +177,7 @@ def preflight(config: RunConfig, stages: Sequence[str] = ("ppo",), on_cluster: b
         section = getattr(config, stage)
         if stage in stages and section is not None:
             if _stage_output(section.base, made):  # e.g. DPO from "{run}/sft", made by this pipeline first
-                report.skipped.append(f"{stage}.base (made by the {section.base.rstrip('/').rsplit('/', 1)[-1]} stage)")
+                report.skipped.append(_made_by(f"{stage}.base", section.base))
             else:
                 check_model(f"{stage}.base", config.expand(section.base), report, on_cluster)
             if section.data is None:  # dpo.feedback_db: the pairs are exported when the stage is to run
@@ -197,7 +202,7 @@ def _preflight_ppo(config: RunConfig, made: set[str], report: PreflightReport, o
         if name is None:
             continue
         if _stage_output(name, made):
-            report.skipped.append(f"{key} (made by the {name.rstrip('/').rsplit('/', 1)[-1]} stage)")
+            report.skipped.append(_made_by(key, name))
             continue
         path = check_model(key, config.expand(name), report, on_cluster)
         if key == "model.policy":

@@ -205,18 +205,14 @@ def latest(records: list[dict], key) -> list[dict]:
     return list(by_key.values())
 
 
-def preference_pairs(records: list[dict]) -> list[dict]:
-    """One {prompt, chosen, rejected} per rejected choice of the latest preference of each completion;
-    pairs of identical texts carry no preference and are left out."""
+def preference_pairs(records: list[dict]) -> tuple[list[dict], int]:
+    """One {prompt, chosen, rejected} per rejected choice of the latest preference of each completion, and
+    how many pairs of identical texts (ties: no preference) were left out."""
     preferences = latest([r for r in records if r["kind"] == "preference"], key=lambda r: r["completion_id"])
-    return [{"prompt": r["prompt"], "chosen": r["response"], "rejected": rejected}
-            for r in preferences for rejected in r["rejected"] if rejected != r["response"]]
-
-
-def tied_pairs(records: list[dict]) -> int:
-    """How many pairs `preference_pairs` leaves out because the chosen and rejected texts are the same."""
-    preferences = latest([r for r in records if r["kind"] == "preference"], key=lambda r: r["completion_id"])
-    return sum(rejected == r["response"] for r in preferences for rejected in r["rejected"])
+    candidates = [(r, rejected) for r in preferences for rejected in r["rejected"]]
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": rejected}
+             for r, rejected in candidates if rejected != r["response"]]
+    return pairs, len(candidates) - len(pairs)
 
 
 def ratings(records: list[dict]) -> list[dict]:
@@ -279,11 +275,11 @@ def export_feedback(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> E
         records = store.feedback_records()
     finally:
         store.close()
-    pairs, rated = preference_pairs(records), ratings(records)
+    (pairs, ties), rated = preference_pairs(records), ratings(records)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(out_dir / "preferences.jsonl", out_dir / "ratings.jsonl", out_dir / "rating_stats.json",
                             pairs=len(pairs), rated=len(rated), feedback_records=len(records),
-                            ties_skipped=tied_pairs(records))
+                            ties_skipped=ties)
     _write_atomically(summary.preferences, _jsonl(pairs))
     _write_atomically(summary.ratings, _jsonl(rated))
     _write_atomically(summary.stats, json.dumps(rating_stats(rated), indent=2) + "\n")

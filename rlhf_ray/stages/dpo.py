@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_ray.algorithms.preference import averages_log_probs, dpo_loss, ipo_loss, sequence_logps, simpo_loss
-from rlhf_ray.learner.distributed import all_reduce_sum, get_rank, global_mean
+from rlhf_ray.learner.distributed import all_reduce_sum, get_rank
 from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
@@ -57,13 +57,17 @@ def pair_logps(model, pairs, pad_id: int, average: bool) -> tuple[torch.Tensor, 
     return logps[:len(pairs)], logps[len(pairs):]
 
 
+def rank_batches(count: int, batch_size: int) -> list[list[int]]:
+    """This rank's share of the indices 0..count-1, in batches of at most `batch_size`."""
+    mine = rank_slice(list(range(count)))
+    return [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+
+
 @torch.no_grad()
 def reference_logps(engine, pairs, pad_id: int, average: bool, batch_size: int) -> torch.Tensor:
     """(N, 2) the start model's chosen and rejected log-probs of every pair: each rank its share, summed."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    mine = rank_slice(list(range(len(pairs))))
-    for start in range(0, len(mine), batch_size):
-        index = mine[start:start + batch_size]
+    for index in rank_batches(len(pairs), batch_size):
         chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, average)
         out[index] = torch.stack([chosen, rejected], dim=1).double()
     return all_reduce_sum(out)
@@ -82,10 +86,9 @@ def preference_loss(stage, chosen, rejected, reference: torch.Tensor | None):
 def evaluate(engine, stage, pairs, reference, pad_id: int, batch_size: int) -> dict:
     """Held-out loss, accuracy (chosen's implicit reward above rejected's) and margin, across ranks."""
     sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, pairs
-    mine = rank_slice(list(range(len(pairs))))
-    for start in range(0, len(mine), batch_size):
-        index = mine[start:start + batch_size]
-        chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, averages_log_probs(stage.loss_type))
+    average = averages_log_probs(stage.loss_type)
+    for index in rank_batches(len(pairs), batch_size):
+        chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, average)
         out = preference_loss(stage, chosen, rejected, None if reference is None else reference[index])
         sums += torch.tensor([float(out.losses.sum()), float((out.chosen_rewards > out.rejected_rewards).sum()),
                               float((out.chosen_rewards - out.rejected_rewards).sum()), float(len(index))],
@@ -130,14 +133,16 @@ def dpo_loop(loop_config: dict) -> None:
             engine.backward(out.losses.mean())  # equal pairs per rank: DeepSpeed's mean is global
             engine.step()
             step += 1
-            n = len(index)
-            metrics = {"epoch": epoch + 1, "step": step}
-            for key, value in (("dpo/loss", out.losses.detach()), ("rewards/chosen", out.chosen_rewards),
-                               ("rewards/rejected", out.rejected_rewards),
-                               ("rewards/accuracies", (out.chosen_rewards > out.rejected_rewards).double()),
-                               ("rewards/margins", out.chosen_rewards - out.rejected_rewards),
-                               ("logps/chosen", chosen.detach()), ("logps/rejected", rejected.detach())):
-                metrics[key] = global_mean(float(value.double().sum()), n)
+            # the step's means over all ranks' pairs, in one all-reduce
+            values = {"dpo/loss": out.losses.detach(), "rewards/chosen": out.chosen_rewards,
+                      "rewards/rejected": out.rejected_rewards,
+                      "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).double(),
+                      "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+                      "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+            sums = all_reduce_sum(torch.stack([v.double().sum() for v in values.values()]
+                                              + [torch.tensor(float(len(index)), dtype=torch.float64)]))
+            metrics = {"epoch": epoch + 1, "step": step,
+                       **{key: float(total / sums[-1]) for key, total in zip(values, sums[:-1])}}
             writer.log(metrics, show=step % 10 == 0)
         after = held_out(epoch + 1, step)
 
