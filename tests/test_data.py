@@ -115,6 +115,15 @@ def test_limit_stops_after_that_many_records(tmp_path):
     assert [r.prompt for r in load_prompts(path, limit=3)] == ["0", "1", "2"]
 
 
+def test_skip_leaves_out_the_first_records_unchecked(tmp_path):
+    # the split another stage trains on: its records are not read, so a malformed one there is not reported
+    path = write_jsonl(tmp_path / "prompts.jsonl", ["{broken"] + [{"prompt": str(i)} for i in range(1, 6)])
+    assert [r.prompt for r in load_prompts(path, skip=3, limit=2)] == ["3", "4"]
+    assert [r.prompt for r in DatasetConfig(path=str(path), skip=4).load_prompts()] == ["4", "5"]
+    with pytest.raises(DataError, match=r"prompts.jsonl: no records \(none after the first 6 \(skip\)\)"):
+        load_prompts(path, skip=6)
+
+
 def test_on_error_must_be_raise_or_skip(tmp_path):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}])
     with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):

@@ -2,6 +2,7 @@
 running it end to end on the tiny model, checked against the saved models."""
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,22 @@ def run_pipeline(tmp_path, *overrides):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
+def tensorboard_scalars(folder: Path) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} of the TensorBoard event files in `folder` (TFRecord framing: length, its CRC,
+    the Event, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (size,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + size])
+            at += 12 + size + 4
+            scalars.update({(value.tag, event.step): value.simple_value for value in event.summary.value})
+    return scalars
+
+
 def test_dpo_stage_learns_the_held_out_preferences_against_a_reference_computed_once(tmp_path):
     proc = run_pipeline(tmp_path, *DPO_ONLY)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -97,6 +114,10 @@ def test_dpo_stage_learns_the_held_out_preferences_against_a_reference_computed_
     assert trained and {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                         "logps/chosen", "logps/rejected"} <= set(trained[-1])
     assert trained[-1]["rewards/accuracies"] > 0.5
+    # the same lines in TensorBoard, at their step
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert scalars[("rewards/margins", trained[-1]["step"])] == pytest.approx(trained[-1]["rewards/margins"])
+    assert scalars[("eval/accuracy", 0)] == 0.0
 
     # `rlhf-ray eval RUN` on a pipeline that ended with DPO: its dpo/ against the stage's start
     from rlhf_ray.cli import main

@@ -35,6 +35,7 @@ class DatasetConfig(BaseModel):
     on_error: Literal["raise", "skip"] = "raise"  # a malformed record: stop, or leave it out and log it
     chat_template: bool | None = None  # None: apply the tokenizer's chat template when it has one
     limit: int | None = Field(None, ge=1)  # read at most this many records (quick runs)
+    skip: int = Field(0, ge=0)  # leave out the first records, e.g. those another stage trains on
 
     @field_validator("path", "prompt_field", "response_field", "chosen_field", "rejected_field")
     @classmethod
@@ -44,7 +45,8 @@ class DatasetConfig(BaseModel):
         return value
 
     def _options(self) -> dict:
-        return {"on_error": self.on_error, "format": self.format, "split": self.split, "limit": self.limit}
+        return {"on_error": self.on_error, "format": self.format, "split": self.split, "limit": self.limit,
+                "skip": self.skip}
 
     def load_prompts(self, tokenizer=None) -> list[PromptRecord]:
         """The prompts; formatted for the chat template when a tokenizer is given (see `chat_template`)."""

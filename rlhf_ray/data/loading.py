@@ -29,23 +29,23 @@ Record = TypeVar("Record", PromptRecord, SFTRecord, PreferenceRecord)
 
 def load_prompts(path: str | os.PathLike, field: str = "prompt", on_error: OnError = "raise",
                  format: Format | Literal["auto"] = "auto", split: str | None = None,
-                 limit: int | None = None) -> list[PromptRecord]:
+                 limit: int | None = None, skip: int = 0) -> list[PromptRecord]:
     """The prompts of a dataset, read from the field `field` of every record."""
-    return _load(path, [field], lambda texts: PromptRecord(*texts), on_error, format, split, limit)
+    return _load(path, [field], lambda texts: PromptRecord(*texts), on_error, format, split, limit, skip)
 
 
 def load_sft(path: str | os.PathLike, prompt_field: str = "prompt", response_field: str = "response",
              on_error: OnError = "raise", format: Format | Literal["auto"] = "auto", split: str | None = None,
-             limit: int | None = None) -> list[SFTRecord]:
+             limit: int | None = None, skip: int = 0) -> list[SFTRecord]:
     """The (prompt, response) demonstrations of a dataset."""
     return _load(path, [prompt_field, response_field], lambda texts: SFTRecord(*texts), on_error, format, split,
-                 limit)
+                 limit, skip)
 
 
 def load_preferences(path: str | os.PathLike, prompt_field: str = "prompt", chosen_field: str = "chosen",
                      rejected_field: str = "rejected", on_error: OnError = "raise",
                      format: Format | Literal["auto"] = "auto", split: str | None = None,
-                     limit: int | None = None) -> list[PreferenceRecord]:
+                     limit: int | None = None, skip: int = 0) -> list[PreferenceRecord]:
     """The (prompt, chosen, rejected) comparisons of a dataset."""
     def make(texts: list[str]) -> PreferenceRecord:
         if texts[1] == texts[2]:
@@ -53,7 +53,7 @@ def load_preferences(path: str | os.PathLike, prompt_field: str = "prompt", chos
                              "a comparison needs two different responses")
         return PreferenceRecord(*texts)
 
-    return _load(path, [prompt_field, chosen_field, rejected_field], make, on_error, format, split, limit)
+    return _load(path, [prompt_field, chosen_field, rejected_field], make, on_error, format, split, limit, skip)
 
 
 def _field_text(values: dict, field: str) -> str:
@@ -76,14 +76,19 @@ def _short(value, width: int = 40) -> str:
 
 
 def _load(path: str | os.PathLike, fields: Sequence[str], make: Callable[[list[str]], Record], on_error: OnError,
-          format: Format | Literal["auto"], split: str | None, limit: int | None) -> list[Record]:
+          format: Format | Literal["auto"], split: str | None, limit: int | None, skip: int = 0) -> list[Record]:
+    """The records of `path` after its first `skip` (read, not checked: another split's), at most `limit`."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
     records: list[Record] = []
     skipped, first_skipped = 0, None
-    for row in iter_rows(path, fields, format=format, split=split):
+    for number, row in enumerate(iter_rows(path, fields, format=format, split=split)):
+        if number < skip:
+            continue
         try:
             if row.values is None:
                 raise ValueError(row.problem)
@@ -101,6 +106,7 @@ def _load(path: str | os.PathLike, fields: Sequence[str], make: Callable[[list[s
         logger.warning("%s: skipped %d malformed record(s), kept %d; the first: %s",
                        path, skipped, len(records), first_skipped)
     if not records:
-        why = f"all {skipped} were malformed, the first: {first_skipped}" if skipped else "it is empty"
+        why = (f"all {skipped} were malformed, the first: {first_skipped}" if skipped
+               else f"none after the first {skip} (skip)" if skip else "it is empty")
         raise DataError(f"{path}: no records ({why})")
     return records

@@ -275,18 +275,22 @@ def rollout_timing(chunks) -> dict:
 
 
 class MetricsWriter:
-    """metrics.jsonl and TensorBoard events, rank 0 only."""
+    """metrics.jsonl and TensorBoard events (`tensorboard/`) in `run_dir`, rank 0 only; each line's `step_key`
+    is its TensorBoard step."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, step_key: str = "iteration"):
         from tensorboardX import SummaryWriter
 
-        self.path = run_dir / "metrics.jsonl"
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.path, self.step_key = Path(run_dir) / "metrics.jsonl", step_key
+        self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, metrics: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         for name, value in metrics.items():
-            if isinstance(value, (int, float)) and name != "iteration":
-                self.tensorboard.add_scalar(name, value, metrics["iteration"])
+            if isinstance(value, (int, float)) and name != self.step_key:
+                self.tensorboard.add_scalar(name, value, metrics[self.step_key])
         self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.tensorboard.close()

@@ -13,6 +13,7 @@ import torch
 
 from rlhf_ray.config import RunConfig, StageConfig
 from rlhf_ray.learner.distributed import get_rank, get_world_size, use_worker_cpus
+from rlhf_ray.learner.driver import MetricsWriter
 from rlhf_ray.learner.engine import EngineConfig, gather_full_state_dict, learner_engine_config
 from rlhf_ray.learner.launch import describe_failure, learner_group
 from rlhf_ray.models.folders import save_hf_folder
@@ -93,15 +94,16 @@ class StageWriter:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.tmp = self.out.with_name(self.out.name + ".tmp")
+        self.metrics = None
         if get_rank() == 0:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(parents=True)
+            self.metrics = MetricsWriter(self.tmp, step_key="step")
 
     def log(self, metrics: dict, show: bool = True) -> None:
-        """Append to metrics.jsonl; print it too when `show`."""
+        """Append to metrics.jsonl and TensorBoard (at its `step`); print it too when `show`."""
         if get_rank() == 0:
-            with (self.tmp / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            self.metrics.write(metrics)
             if show:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
                   flush=True)
@@ -110,6 +112,7 @@ class StageWriter:
         """Save the model and tokenizer, write summary.json last, and rename the folder into place."""
         if get_rank() != 0:
             return
+        self.metrics.close()
         export_model.load_state_dict(state_dict)
         save_hf_folder(self.out, export_model, tokenizer, {SUMMARY: json.dumps(summary, indent=2) + "\n"},
                        staging=self.tmp)
