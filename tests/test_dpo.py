@@ -162,3 +162,36 @@ def test_dpo_trains_on_the_served_feedback_its_pipeline_exports(tmp_path):
     with pytest.raises(StageError, match="does not exist"):
         export_dpo_feedback(RunConfig.model_validate({**config.model_dump(), "dpo": {
             "base": "rlhf-ray/tiny-gpt2", "feedback_db": str(tmp_path / "missing.db")}}))
+
+
+def test_ipo_with_lora_on_two_zero3_ranks_matches_one_rank(tmp_path):
+    """The stage sharded: 2 ranks under ZeRO-3 with LoRA adapters train as one rank does. The 9 held-out pairs
+    do not split evenly, so one rank's last evaluation batch holds a filler pair (every rank must make the
+    same forward passes under ZeRO-3, or the run hangs) that must not count."""
+    common = [*DPO_ONLY, "dpo.loss_type=ipo", "dpo.epochs=1", "dpo.data.limit=90", "dpo.batch_size=8",
+              "model.lora={r: 8, alpha: 16, target_modules: [c_attn]}"]
+    runs = {}
+    for ranks in (1, 2):
+        proc = run_pipeline(tmp_path / str(ranks), *common, f"learner.num_workers={ranks}", "learner.zero_stage=3",
+                            "learner.zero3_param_persistence_threshold=0")  # shard even the tiny model
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        runs[ranks] = tmp_path / str(ranks) / "pipeline_dpo" / "dpo"
+    one, two = (json.loads((runs[r] / "summary.json").read_text()) for r in (1, 2))
+    assert one["eval_pairs"] == 9 and one["steps"] == 10
+    for key in ("eval_loss_before", "eval_accuracy_before", "eval_loss_after", "eval_margin_after"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    assert one["eval_loss_after"] < one["eval_loss_before"]
+    cached = [torch.load(runs[r] / "reference_logps.pt") for r in (1, 2)]
+    torch.testing.assert_close(cached[1]["heldout"], cached[0]["heldout"], rtol=1e-5, atol=1e-5)
+    # IPO's log-probs are the means over each response's tokens
+    assert cached[0]["average"] is True
+
+
+def test_simpo_needs_no_reference(tmp_path):
+    proc = run_pipeline(tmp_path, *DPO_ONLY, "dpo.loss_type=simpo", "dpo.epochs=1", "dpo.beta=2.0")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = tmp_path / "pipeline_dpo" / "dpo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert not (out / "reference_logps.pt").exists()
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["eval_accuracy_after"] > summary["eval_accuracy_before"]

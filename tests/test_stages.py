@@ -169,3 +169,18 @@ def test_the_pipeline_trains_lora_adapters_in_every_stage(tmp_path):
     checkpoint = run / "checkpoints" / "iter_000001" / "actor"  # adapters and their optimizer state only:
     full_weights = 4 * sum(p.numel() for p in policy.parameters())  # less than the policy's float32 weights alone
     assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < full_weights
+
+
+def test_rank_batches_make_every_rank_run_as_many_passes(monkeypatch):
+    import rlhf_ray.stages.common as common
+
+    monkeypatch.setattr(common, "get_world_size", lambda: 2)
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(common, "get_rank", lambda rank=rank: rank)
+        shares[rank] = common.rank_batches(list("abcdefghi"), 2)
+    assert shares[0] == [(["a", "c"], 2), (["e", "g"], 2), (["i"], 1)]
+    assert shares[1] == [(["b", "d"], 2), (["f", "h"], 2), (["a"], 0)]  # a filler that does not count
+    monkeypatch.setattr(common, "get_world_size", lambda: 4)
+    monkeypatch.setattr(common, "get_rank", lambda: 3)
+    assert common.rank_batches(list("ab"), 8) == [(["a"], 0)]  # no item of its own

@@ -259,6 +259,8 @@ class LearnerConfig(_Section):
     # workers wait for the update (no rollout.overlap; the supervised stages), else cpus_per_worker
     torch_threads: int | None = Field(None, ge=1)
     zero_stage: Literal[2, 3] = 2
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's default); 0 shards them all
+    zero3_param_persistence_threshold: int = Field(100_000, ge=0)
     lr: float = Field(1e-5, gt=0.0)
     critic_lr: float | None = Field(None, gt=0.0)  # None: lr
     adam_eps: float = Field(1e-5, gt=0.0)  # PyTorch Adam puts eps outside the sqrt (PPO_DETAILS.md)

@@ -187,7 +187,8 @@ def learner_engine_config(learner, lr: float, micro_batch_size: int, weight_deca
     return EngineConfig(zero_stage=learner.zero_stage, lr=lr, adam_eps=learner.adam_eps,
                         weight_decay=learner.weight_decay if weight_decay is None else weight_decay,
                         max_grad_norm=learner.max_grad_norm, bf16=learner.bf16, micro_batch_size=micro_batch_size,
-                        gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer)
+                        gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer,
+                        stage3_param_persistence_threshold=learner.zero3_param_persistence_threshold)
 
 
 def create_engine(model: torch.nn.Module, cfg: EngineConfig, train_batch_size: int | None = None):

@@ -81,6 +81,18 @@ def rank_slice(items: Sequence) -> list:
     return list(items[get_rank()::get_world_size()])
 
 
+def rank_batches(items: Sequence, batch_size: int) -> list[tuple[list, int]]:
+    """This rank's share of `items` (`rank_slice`) in batches of at most `batch_size`, as (batch, real): only
+    the first `real` items of a batch count. Every rank gets as many batches of the same sizes: a share one
+    item short ends with a filler (the first item), because under ZeRO-3 every forward pass gathers the
+    parameters from all ranks, and a rank with a pass fewer would leave the others waiting."""
+    mine = rank_slice(items)
+    longest = -(-len(items) // get_world_size())
+    padded = mine + [items[0]] * (longest - len(mine))
+    return [(padded[start:start + batch_size], max(0, min(batch_size, len(mine) - start)))
+            for start in range(0, longest, batch_size)]
+
+
 def stage_engine_config(stage: StageConfig, config: RunConfig) -> EngineConfig:
     world = get_world_size()
     if stage.batch_size % world:

@@ -11,11 +11,14 @@ the left first) and counted (`cut_pairs` in `summary.json`); a pair whose chosen
 the same text is a data error with its file and line, or left out with `data.on_error: skip`.
 
 Logged per step, under the field's names: `dpo/loss`, `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`. The held-out pairs' loss,
-accuracy and margin are measured before training and after each epoch; `summary.json` has both ends.
+`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`; and `perf/step_s`,
+`perf/tokens_per_s` (prompt and response tokens of both sides, padding not counted). The held-out pairs'
+loss, accuracy and margin are measured before training and after each epoch; `summary.json` has both ends.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -26,7 +29,7 @@ from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage,
+    StageWriter, epoch_batches, rank_batches, rank_slice, split_records, stage_engine_config, start_stage,
     trained_state_dict, with_lora,
 )
 from rlhf_ray.stages.sft import cut_to_length
@@ -57,19 +60,13 @@ def pair_logps(model, pairs, pad_id: int, average: bool) -> tuple[torch.Tensor, 
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-def rank_batches(count: int, batch_size: int) -> list[list[int]]:
-    """This rank's share of the indices 0..count-1, in batches of at most `batch_size`."""
-    mine = rank_slice(list(range(count)))
-    return [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
-
-
 @torch.no_grad()
 def reference_logps(engine, pairs, pad_id: int, average: bool, batch_size: int) -> torch.Tensor:
     """(N, 2) the start model's chosen and rejected log-probs of every pair: each rank its share, summed."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    for index in rank_batches(len(pairs), batch_size):
+    for index, real in rank_batches(range(len(pairs)), batch_size):
         chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, average)
-        out[index] = torch.stack([chosen, rejected], dim=1).double()
+        out[index[:real]] = torch.stack([chosen, rejected], dim=1)[:real].double()
     return all_reduce_sum(out)
 
 
@@ -87,8 +84,9 @@ def evaluate(engine, stage, pairs, reference, pad_id: int, batch_size: int) -> d
     """Held-out loss, accuracy (chosen's implicit reward above rejected's) and margin, across ranks."""
     sums = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, pairs
     average = averages_log_probs(stage.loss_type)
-    for index in rank_batches(len(pairs), batch_size):
+    for index, real in rank_batches(range(len(pairs)), batch_size):
         chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, average)
+        index, chosen, rejected = index[:real], chosen[:real], rejected[:real]
         out = preference_loss(stage, chosen, rejected, None if reference is None else reference[index])
         sums += torch.tensor([float(out.losses.sum()), float((out.chosen_rewards > out.rejected_rewards).sum()),
                               float((out.chosen_rewards - out.rejected_rewards).sum()), float(len(index))],
@@ -127,22 +125,27 @@ def dpo_loop(loop_config: dict) -> None:
     step = 0
     for epoch in range(stage.epochs):
         for batch in epoch_batches(len(train), stage.batch_size, epoch, config.seed):
+            started = time.perf_counter()
             index = rank_slice(batch)
             chosen, rejected = pair_logps(engine, [train[i] for i in index], pad, average)
             out = preference_loss(stage, chosen, rejected, None if train_ref is None else train_ref[index])
             engine.backward(out.losses.mean())  # equal pairs per rank: DeepSpeed's mean is global
             engine.step()
+            step_s = time.perf_counter() - started
             step += 1
-            # the step's means over all ranks' pairs, in one all-reduce
+            # the step's means over all ranks' pairs, and its tokens (prompt and response of both sides, no
+            # padding), in one all-reduce
             values = {"dpo/loss": out.losses.detach(), "rewards/chosen": out.chosen_rewards,
                       "rewards/rejected": out.rejected_rewards,
                       "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).double(),
                       "rewards/margins": out.chosen_rewards - out.rejected_rewards,
                       "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
-            sums = all_reduce_sum(torch.stack([v.double().sum() for v in values.values()]
-                                              + [torch.tensor(float(len(index)), dtype=torch.float64)]))
+            tokens = sum(len(part) for i in index for part in train[i])
+            sums = all_reduce_sum(torch.tensor([float(v.double().sum()) for v in values.values()]
+                                               + [float(tokens), float(len(index))], dtype=torch.float64))
             metrics = {"epoch": epoch + 1, "step": step,
-                       **{key: float(total / sums[-1]) for key, total in zip(values, sums[:-1])}}
+                       **{key: float(total / sums[-1]) for key, total in zip(values, sums[:-2])},
+                       "perf/step_s": step_s, "perf/tokens_per_s": float(sums[-2]) / step_s}
             writer.log(metrics, show=step % 10 == 0)
         after = held_out(epoch + 1, step)
 

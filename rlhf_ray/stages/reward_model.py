@@ -23,7 +23,7 @@ from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards.reward_model import STATS_FILE, join_prompt_response
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage, trained_state_dict,
+    StageWriter, epoch_batches, rank_batches, rank_slice, split_records, stage_engine_config, start_stage, trained_state_dict,
     with_lora,
 )
 
@@ -52,9 +52,9 @@ def pair_scores(model, tokenizer, pairs, max_length: int) -> tuple[torch.Tensor,
 def evaluate_pairs(engine, tokenizer, pairs, max_length: int, batch_size: int) -> dict:
     """Accuracy (chosen scored higher), loss, and score moments over `pairs`, across ranks."""
     sums = torch.zeros(5, dtype=torch.float64)  # correct, loss, pairs, score sum, score sum of squares
-    mine = rank_slice(pairs)
-    for start in range(0, len(mine), batch_size):
-        chosen, rejected = pair_scores(engine, tokenizer, mine[start:start + batch_size], max_length)
+    for batch, real in rank_batches(pairs, batch_size):
+        chosen, rejected = pair_scores(engine, tokenizer, batch, max_length)
+        chosen, rejected = chosen[:real], rejected[:real]
         both = torch.cat([chosen, rejected]).double()
         sums += torch.stack([(chosen > rejected).sum().double(), -F.logsigmoid(chosen - rejected).sum().double(),
                              torch.tensor(float(len(chosen)), dtype=torch.float64), both.sum(), (both ** 2).sum()])

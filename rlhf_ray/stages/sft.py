@@ -17,7 +17,7 @@ from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_slice, split_records, stage_engine_config, start_stage, trained_state_dict,
+    StageWriter, epoch_batches, rank_batches, rank_slice, split_records, stage_engine_config, start_stage, trained_state_dict,
     with_lora,
 )
 
@@ -51,11 +51,10 @@ def response_nll(model, pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 def heldout_loss(engine, pairs, pad_id: int, batch_size: int) -> float:
     """Mean response-token NLL over the held-out demonstrations, across ranks."""
     total = count = 0.0
-    mine = rank_slice(pairs)
-    for start in range(0, len(mine), batch_size):
-        nll, mask = response_nll(engine, mine[start:start + batch_size], pad_id)
-        total += float((nll * mask).sum())
-        count += float(mask.sum())
+    for batch, real in rank_batches(pairs, batch_size):
+        nll, mask = response_nll(engine, batch, pad_id)
+        total += float((nll * mask)[:real].sum())
+        count += float(mask[:real].sum())
     return global_mean(total, count)
 
 
