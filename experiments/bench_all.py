@@ -17,8 +17,9 @@ stderr with a `[name]` prefix. The table then takes from each JSON:
 | scaling | pool tokens/s with k workers | k x tokens/s with 1 worker | ratio (efficiency) >= 0.8 |
 | serve | batched requests/s, highest concurrency | unbatched requests/s | none |
 | peer_trl | GRPO seconds per iteration; whole command; held-out reward | TRL `GRPOTrainer`, same settings | ratio <= 0.5; <= 1.0; not lower |
+| dpo_trl | DPO stage training tokens/s; whole command | TRL `DPOTrainer`, same settings | ratio >= 1.0; none |
 
-`peer_trl` needs TRL (`pip install -e ".[bench]"`); without it its row says so and it counts as skipped, not failed.
+`peer_trl` and `dpo_trl` need TRL (`pip install -e ".[bench]"`); without it its row says so and it counts as skipped, not failed.
 
 A benchmark that fails (non-zero exit, no JSON, or over `--timeout`) gets a row with its error, the
 others still run, and the script exits with 1 at the end. `--json PATH` writes the machine, each
@@ -43,9 +44,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("rollout", "ppo", "learner", "sync", "scaling", "serve", "peer_trl")
+NAMES = ("rollout", "ppo", "learner", "sync", "scaling", "serve", "peer_trl", "dpo_trl")
 # benchmarks that need an optional package: skipped with this note when it is not installed
-NEEDS = {"peer_trl": ("trl", 'TRL not installed: pip install -e ".[bench]"')}
+NEEDS = {name: ("trl", 'TRL not installed: pip install -e ".[bench]"') for name in ("peer_trl", "dpo_trl")}
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -64,9 +65,10 @@ def commands(args) -> dict[str, list[str]]:
             "serve": ["--concurrency", "4", "--requests", "8", "--repeats", "1", "--max-tokens", "4", "--no-engine"],
             "peer_trl": ["--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "8",
                          "--eval-samples", "2"],
+            "dpo_trl": ["--pairs", "32", "--epochs", "1"],
         }
     return {"rollout": [], "ppo": [], "learner": [], "sync": ["--workers", str(args.sync_workers)],
-            "scaling": scaling_workers, "serve": [], "peer_trl": []}
+            "scaling": scaling_workers, "serve": [], "peer_trl": [], "dpo_trl": []}
 
 
 def machine() -> dict:
@@ -229,8 +231,19 @@ def peer_trl_rows(result: dict) -> list[dict]:
     ]
 
 
+def dpo_trl_rows(result: dict) -> list[dict]:
+    ours, trl = result["rlhf_ray"], result["trl"]
+    what = (f"DPO {result['model']}, {result['pairs']} pairs x {result['epochs']} epochs, batch {result['batch_size']}, "
+            f"{result['threads']} threads")
+    ratio = result["tokens_per_s_ratio"]
+    return [row("dpo_trl", f"training tok/s, {what} (vs TRL {result['trl_version']})", ours["tokens_per_s"],
+                trl["tokens_per_s"], ratio, "ratio ≥ 1.0", ratio >= 1.0, "tok/s"),
+            row("dpo_trl", "whole command s, same run (vs TRL)", ours["command_s"], trl["command_s"],
+                ours["command_s"] / trl["command_s"], unit="s")]
+
+
 ROWS = {"rollout": rollout_rows, "ppo": ppo_rows, "learner": learner_rows, "sync": sync_rows, "scaling": scaling_rows,
-        "serve": serve_rows, "peer_trl": peer_trl_rows}
+        "serve": serve_rows, "peer_trl": peer_trl_rows, "dpo_trl": dpo_trl_rows}
 
 
 def number(value: float | None) -> str:

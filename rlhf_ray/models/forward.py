@@ -13,6 +13,8 @@ does for left-padded prompts.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,11 +75,27 @@ def pack_episodes(prompt_ids: list, response_ids: list, pad_id: int) -> PackedBa
     return PackedBatch(input_ids, attention_mask, response_mask, prompt_width)
 
 
+def hf_model(model) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine, `AdaptersDisabled` or a PEFT model."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def keeps_logits(model_class: type) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (most HF causal LMs): the LM head then runs on the
+    positions asked for only, not on the prompt's, whose logits no loss reads."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def response_logits(model, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """Logits (B, R, V) predicting each response token, divided by the sampling temperature."""
+    kept = batch.response_mask.shape[1] + 1  # the last prompt column and the response's
+    extra = {"logits_to_keep": kept} if keeps_logits(type(hf_model(model))) else {}
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, use_cache=False)
-    logits = out.logits[:, batch.prompt_width - 1:-1, :]  # (B, R, V)
+                position_ids=batch.position_ids, use_cache=False, **extra)
+    logits = out.logits[:, -kept:-1, :]  # (B, R, V): columns P - 1 .. P + R - 2
     return logits.float() / temperature
 
 
