@@ -131,6 +131,9 @@ def test_dpo_stage_learns_the_held_out_preferences_against_a_reference_computed_
 def test_dpo_preflight_names_the_bad_setting_before_ray_starts(tmp_path):
     proc = run_pipeline(tmp_path, *DPO_ONLY, "dpo.label_smoothing=0.7")
     assert proc.returncode == 2 and "dpo.label_smoothing" in proc.stderr, proc.stderr[-2000:]
+    proc = run_pipeline(tmp_path, *DPO_ONLY, "dpo.data.limit=10")  # 9 to train, 1 held out
+    assert proc.returncode != 0 and "dpo.batch_size: 16 is more than the 9 training records" in proc.stderr, \
+        proc.stderr[-2000:]
     proc = run_pipeline(tmp_path, *DPO_ONLY, "dpo.data.path=experiments/data/sft.jsonl")
     assert proc.returncode != 0 and "sft.jsonl:1" in proc.stderr and "chosen" in proc.stderr, proc.stderr[-2000:]
 

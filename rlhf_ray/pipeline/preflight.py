@@ -93,6 +93,17 @@ def check_dataset(key: str, dataset, report: PreflightReport, kind: str, on_clus
     return records
 
 
+def check_one_batch(stage: str, section, records: int) -> None:
+    """A stage whose training split holds fewer records than one batch would run no optimizer step."""
+    from rlhf_ray.stages.common import held_out_count
+
+    held = held_out_count(records, section.eval_fraction)
+    if records - held < section.batch_size:
+        raise PreflightError(f"{stage}.batch_size: {section.batch_size} is more than the {records - held} training "
+                             f"records of {stage}.data ({records} read, {held} held out by {stage}.eval_fraction): "
+                             "no optimizer step would run")
+
+
 def check_reward_call(key: str, reward_fn, prompts: Sequence[str], responses: Sequence[str],
                       report: PreflightReport) -> None:
     """Call the reward once on (prompt, response) pairs, with the checks of the rollout workers."""
@@ -183,7 +194,9 @@ def preflight(config: RunConfig, stages: Sequence[str] = ("ppo",), on_cluster: b
             if section.data is None:  # dpo.feedback_db: the pairs are exported when the stage is to run
                 report.skipped.append(f"{stage}.data (exported from {stage}.feedback_db)")
             else:
-                check_dataset(f"{stage}.data", section.data, report, kind, on_cluster)
+                records = check_dataset(f"{stage}.data", section.data, report, kind, on_cluster)
+                if records:  # none when the file is on the cluster only
+                    check_one_batch(stage, section, len(records))
     if "ppo" in stages:
         _preflight_ppo(config, made, report, on_cluster)
     report.seconds = time.perf_counter() - started

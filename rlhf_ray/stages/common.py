@@ -62,11 +62,16 @@ def split_records(records: Sequence, eval_fraction: float, seed: int) -> tuple[l
     when the fraction is positive and at least two records exist)."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    held = int(round(len(records) * eval_fraction))
-    if eval_fraction > 0 and len(records) >= 2:
-        held = max(held, 1)
-    held = min(held, len(records) - 1)
+    held = held_out_count(len(records), eval_fraction)
     return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
+
+
+def held_out_count(n: int, eval_fraction: float) -> int:
+    """How many of `n` records `split_records` holds out."""
+    held = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n >= 2:
+        held = max(held, 1)
+    return max(0, min(held, n - 1))
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
