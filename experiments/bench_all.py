@@ -68,7 +68,10 @@ def commands(args) -> dict[str, list[str]]:
             "dpo_trl": ["--pairs", "32", "--epochs", "1"],
         }
     return {"rollout": [], "ppo": [], "learner": [], "sync": ["--workers", str(args.sync_workers)],
-            "scaling": scaling_workers, "serve": [], "peer_trl": [], "dpo_trl": []}
+            "scaling": scaling_workers, "serve": [], "peer_trl": [],
+            "dpo_trl": ["--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--data",
+                        "experiments/data/assistant_preferences.jsonl", "--pairs", "48", "--batch-size", "8",
+                        "--epochs", "1", "--max-length", "192", "--lr", "5e-6"]}
 
 
 def machine() -> dict:
