@@ -1,7 +1,7 @@
 """DPO against reward model + PPO from the same SFT model, judged by a reward model that neither trained on.
 
     python experiments/dpo_vs_ppo.py                    # toy data, tiny GPT-2: minutes on 2 cores
-    python experiments/dpo_vs_ppo.py --setup smollm2    # SmolLM2-135M-Instruct, assistant data: about an hour
+    python experiments/dpo_vs_ppo.py --setup smollm2    # SmolLM2-135M-Instruct, assistant data: 45 minutes
 
 Each step is the `rlhf-ray` command a user would type, timed, all in one run folder:
 
