@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms.preference import averages_log_probs, dpo_loss, ipo_loss, sequence_logps, simpo_loss
+from rlhf_ray.algorithms.preference import (
+    averages_log_probs, dpo_loss, ipo_loss, sequence_logps, simpo_loss, with_chosen_nll,
+)
 
 # Two pairs. Pair 0: the policy raised the chosen response by 0.5 nats over the reference and lowered the
 # rejected one by 0.5, so h = 0.5 - (-0.5) = 1. Pair 1: the other way round, h = -1.
@@ -82,6 +84,26 @@ def test_simpo_by_hand():
     assert out.chosen_rewards.item() == -1.0 and out.rejected_rewards.item() == -2.0
     assert out.metrics()["rewards/margins"] == pytest.approx(1.0)
     assert out.metrics()["rewards/accuracies"] == 1.0
+
+
+def test_rpo_adds_the_chosen_nll_per_token_by_hand():
+    # DPO on h = (-4 - -5) - (-9 - -6) = 4 with beta 0.5: -log sigmoid(2) = 0.126928; the chosen response's
+    # 4 tokens hold -4 nats, 1 per token: + 0.5 x 1 = 0.626928
+    out = dpo_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([-5.0]), torch.tensor([-6.0]), beta=0.5)
+    assert out.losses.item() == pytest.approx(0.126928, abs=1e-6)
+    rpo = with_chosen_nll(out, torch.tensor([-4.0]), torch.tensor([4]), alpha=0.5, averaged=False)
+    assert rpo.losses.item() == pytest.approx(0.626928, abs=1e-6)
+    assert torch.equal(rpo.chosen_rewards, out.chosen_rewards)  # the implicit rewards are the method's
+    # already averaged (IPO, SimPO): -1.5 per token, alpha 2 -> + 3
+    averaged = with_chosen_nll(out, torch.tensor([-1.5]), torch.tensor([4]), alpha=2.0, averaged=True)
+    assert averaged.losses.item() == pytest.approx(0.126928 + 3.0, abs=1e-6)
+    assert with_chosen_nll(out, torch.tensor([-4.0]), torch.tensor([4]), alpha=0.0, averaged=False) is out
+    # its gradient raises the chosen response's log-prob
+    chosen = torch.tensor([-4.0], requires_grad=True)
+    with_chosen_nll(out, chosen, torch.tensor([4]), alpha=1.0, averaged=False).losses.sum().backward()
+    assert chosen.grad.item() == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match=">= 0"):
+        with_chosen_nll(out, torch.tensor([-4.0]), torch.tensor([4]), alpha=-1.0, averaged=False)
 
 
 def test_which_methods_average_their_log_probs():

@@ -168,10 +168,12 @@ def test_dpo_trains_on_the_served_feedback_its_pipeline_exports(tmp_path):
 
 
 def test_ipo_with_lora_on_two_zero3_ranks_matches_one_rank(tmp_path):
-    """The stage sharded: 2 ranks under ZeRO-3 with LoRA adapters train as one rank does. The 9 held-out pairs
+    """The stage sharded: 2 ranks under ZeRO-3 with LoRA adapters train as one rank does (IPO with the RPO
+    term, whose per-pair lengths must follow each rank's pairs). The 9 held-out pairs
     do not split evenly, so one rank's last evaluation batch holds a filler pair (every rank must make the
     same forward passes under ZeRO-3, or the run hangs) that must not count."""
-    common = [*DPO_ONLY, "dpo.loss_type=ipo", "dpo.epochs=1", "dpo.data.limit=90", "dpo.batch_size=8",
+    common = [*DPO_ONLY, "dpo.loss_type=ipo", "dpo.rpo_alpha=0.5", "dpo.epochs=1", "dpo.data.limit=90",
+              "dpo.batch_size=8",
               "model.lora={r: 8, alpha: 16, target_modules: [c_attn]}"]
     runs = {}
     for ranks in (1, 2):

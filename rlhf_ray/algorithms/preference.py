@@ -14,6 +14,10 @@ one, under the frozen reference. With h the difference of the two log-ratios,
 * SimPO (Meng et al. 2024): no reference; -log sigmoid(beta (a_w - a_l) - gamma), with a_w, a_l the
   length-averaged log-probabilities and gamma a target margin.
 
+* RPO (Pang et al. 2024): any of them plus `alpha` times the chosen response's negative log-likelihood per
+  token (`with_chosen_nll`). DPO alone can lower the chosen responses' likelihood too, as long as the
+  rejected ones fall faster; the NLL term holds the chosen ones up.
+
 The implicit rewards, beta times a response's log-ratio (DPO, IPO) or its average log-probability (SimPO),
 give the field's metrics: rewards/chosen, rewards/rejected, rewards/accuracies (chosen above rejected),
 rewards/margins.
@@ -107,6 +111,19 @@ def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, beta:
     chosen, rejected = beta * policy_chosen, beta * policy_rejected
     return PreferenceLoss(_sigmoid_loss(chosen - rejected - gamma, label_smoothing), chosen.detach(),
                           rejected.detach())
+
+
+def with_chosen_nll(loss: PreferenceLoss, policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor,
+                    alpha: float, averaged: bool) -> PreferenceLoss:
+    """`loss` plus `alpha` times each chosen response's negative log-likelihood per token (RPO). The chosen
+    log-probs (B,) are summed over `chosen_lengths` tokens, or already `averaged` over them."""
+    _check_pairs(loss.losses, policy_chosen, chosen_lengths)
+    if alpha < 0:
+        raise ValueError(f"the chosen-NLL weight must be >= 0, got {alpha}")
+    if alpha == 0:
+        return loss
+    per_token = policy_chosen if averaged else policy_chosen / chosen_lengths.to(policy_chosen.dtype)
+    return PreferenceLoss(loss.losses - alpha * per_token, loss.chosen_rewards, loss.rejected_rewards)
 
 
 def averages_log_probs(loss_type: PreferenceLossType) -> bool:

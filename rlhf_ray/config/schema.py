@@ -311,6 +311,8 @@ class DPOStageConfig(StageConfig):
     beta: float = Field(0.1, gt=0.0)  # DPO/IPO: the KL strength; SimPO: the reward scale (about 2)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO (and SimPO): share of flipped labels
     simpo_gamma: float = Field(0.5, ge=0.0)  # SimPO's target margin
+    # RPO: plus rpo_alpha x the chosen response's NLL per token, which keeps DPO from lowering the chosen ones
+    rpo_alpha: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DPOStageConfig":

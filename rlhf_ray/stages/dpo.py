@@ -23,7 +23,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_ray.algorithms.preference import averages_log_probs, dpo_loss, ipo_loss, sequence_logps, simpo_loss
+from rlhf_ray.algorithms.preference import (
+    averages_log_probs, dpo_loss, ipo_loss, sequence_logps, simpo_loss, with_chosen_nll,
+)
 from rlhf_ray.learner.distributed import all_reduce_sum, get_rank
 from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
@@ -74,13 +76,16 @@ def reference_logps(engine, pairs, pad_id: int, average: bool, batch_size: int) 
     return all_reduce_sum(out)
 
 
-def preference_loss(stage, chosen, rejected, reference: torch.Tensor | None):
+def preference_loss(stage, pairs, chosen, rejected, reference: torch.Tensor | None):
+    """The stage's loss on these `pairs` (their chosen and rejected log-probs and reference rows)."""
     if stage.loss_type == "simpo":
-        return simpo_loss(chosen, rejected, stage.beta, stage.simpo_gamma, stage.label_smoothing)
-    ref_chosen, ref_rejected = reference[:, 0].to(chosen.dtype), reference[:, 1].to(chosen.dtype)
-    if stage.loss_type == "ipo":
-        return ipo_loss(chosen, rejected, ref_chosen, ref_rejected, stage.beta)
-    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, stage.beta, stage.label_smoothing)
+        out = simpo_loss(chosen, rejected, stage.beta, stage.simpo_gamma, stage.label_smoothing)
+    else:
+        ref_chosen, ref_rejected = reference[:, 0].to(chosen.dtype), reference[:, 1].to(chosen.dtype)
+        out = (ipo_loss(chosen, rejected, ref_chosen, ref_rejected, stage.beta) if stage.loss_type == "ipo" else
+               dpo_loss(chosen, rejected, ref_chosen, ref_rejected, stage.beta, stage.label_smoothing))
+    lengths = torch.tensor([len(pair[1]) for pair in pairs])
+    return with_chosen_nll(out, chosen, lengths, stage.rpo_alpha, averages_log_probs(stage.loss_type))
 
 
 @torch.no_grad()
@@ -91,7 +96,8 @@ def evaluate(engine, stage, pairs, reference, pad_id: int, batch_size: int) -> d
     for index, real in rank_batches(range(len(pairs)), batch_size):
         chosen, rejected = pair_logps(engine, [pairs[i] for i in index], pad_id, average)
         index, chosen, rejected = index[:real], chosen[:real], rejected[:real]
-        out = preference_loss(stage, chosen, rejected, None if reference is None else reference[index])
+        out = preference_loss(stage, [pairs[i] for i in index], chosen, rejected,
+                              None if reference is None else reference[index])
         sums += torch.tensor([float(out.losses.sum()), float((out.chosen_rewards > out.rejected_rewards).sum()),
                               float((out.chosen_rewards - out.rejected_rewards).sum()), float(len(index))],
                              dtype=torch.float64)
@@ -132,7 +138,8 @@ def dpo_loop(loop_config: dict) -> None:
             started = time.perf_counter()
             index = rank_slice(batch)
             chosen, rejected = pair_logps(engine, [train[i] for i in index], pad, average)
-            out = preference_loss(stage, chosen, rejected, None if train_ref is None else train_ref[index])
+            out = preference_loss(stage, [train[i] for i in index], chosen, rejected,
+                                  None if train_ref is None else train_ref[index])
             engine.backward(out.losses.mean())  # equal pairs per rank: DeepSpeed's mean is global
             engine.step()
             step_s = time.perf_counter() - started
@@ -157,7 +164,8 @@ def dpo_loop(loop_config: dict) -> None:
     state = trained_state_dict(engine, config, export)
     writer.finish(export, state, tokenizer, {
         "stage": "dpo", "base": str(stage.base), "loss_type": stage.loss_type, "beta": stage.beta,
-        "train_pairs": len(train), "eval_pairs": len(heldout), "steps": step, "cut_pairs": cut,
+        "rpo_alpha": stage.rpo_alpha, "train_pairs": len(train), "eval_pairs": len(heldout), "steps": step,
+        "cut_pairs": cut,
         **{f"eval_{key}_{end}": result and result[key] for end, result in (("before", before), ("after", after))
            for key in ("loss", "accuracy", "margin")},
     })
