@@ -17,8 +17,8 @@ from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_batches, rank_slice, split_records, stage_engine_config, start_stage, trained_state_dict,
-    with_lora,
+    StageWriter, epoch_batches, rank_batches, rank_slice, split_records, stage_engine_config, start_stage,
+    trained_state_dict, with_lora,
 )
 
 
