@@ -4,6 +4,7 @@ datasets shipped in experiments/data/."""
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from rlhf_ray.data import (
     DataError, DatasetConfig, PreferenceRecord, PromptRecord, SFTRecord, detect_format, format_prompt,
-    format_records, load_preferences, load_prompts, load_sft,
+    format_records, load_preferences, load_prompts, load_ratings, load_sft,
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "experiments" / "data"
@@ -326,3 +327,31 @@ def test_shipped_datasets_are_what_make_data_writes(tmp_path):
     make_data.main(["--out", str(tmp_path)])  # and a second run writes the same bytes
     for written in (path for path in tmp_path.rglob("*") if path.is_file()):
         assert written.read_bytes() == (DATA_DIR / written.relative_to(tmp_path)).read_bytes()
+
+
+def test_ratings_and_likes_become_a_satisfaction_in_0_1(tmp_path):
+    path = write_jsonl(tmp_path / "ratings.jsonl", [
+        {"prompt": "p", "response": "a", "rating": 1}, {"prompt": "p", "response": "b", "rating": 5},
+        {"prompt": "p", "response": "c", "rating": 4.0}, {"prompt": "p", "response": "d", "like": True},
+        {"prompt": "p", "response": "e", "like": False, "rating": None}])
+    assert [(r.response, r.satisfaction) for r in load_ratings(path)] == \
+        [("a", 0.0), ("b", 1.0), ("c", 0.75), ("d", 1.0), ("e", 0.0)]
+    config = DatasetConfig(path=str(path), rating_field="stars", like_field="thumb", limit=1)
+    with pytest.raises(DataError, match=r"ratings.jsonl:1: missing field 'stars' \(a rating 1..5\) or 'thumb'"):
+        config.load_ratings()
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"rating": 6}, "field 'rating' must be a whole rating from 1 to 5, got 6"),
+    ({"rating": 2.5}, "field 'rating' must be a whole rating from 1 to 5, got 2.5"),
+    ({"rating": "5"}, "field 'rating' must be a whole rating from 1 to 5, got '5'"),
+    ({"rating": True}, "field 'rating' must be a whole rating from 1 to 5, got True"),
+    ({"like": 1}, "field 'like' must be true or false, got 1"),
+    ({"like": True, "rating": 3}, "fields 'rating' and 'like' are both set"),
+])
+def test_a_bad_rating_names_file_line_and_field(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "ratings.jsonl", [{"prompt": "p", "response": "r", "rating": 3},
+                                                    {"prompt": "p", "response": "r", **record}])
+    with pytest.raises(DataError, match=re.escape(f"ratings.jsonl:2: {message}")):
+        load_ratings(path)
+    assert len(load_ratings(path, on_error="skip")) == 1

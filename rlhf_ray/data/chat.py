@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from rlhf_ray.data.records import DataError, PreferenceRecord, PromptRecord, SFTRecord
+from rlhf_ray.data.records import DataError, PreferenceRecord, PromptRecord, RatingRecord, SFTRecord
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -41,7 +41,7 @@ def format_prompt(tokenizer, prompt_text: str, chat: bool) -> str:
                                          add_generation_prompt=True, tokenize=False)
 
 
-def format_records(records: Iterable[PromptRecord | SFTRecord | PreferenceRecord], tokenizer,
+def format_records(records: Iterable[PromptRecord | SFTRecord | PreferenceRecord | RatingRecord], tokenizer,
                    chat_template: bool | None = None) -> list:
     """The records with each prompt formatted by `format_prompt`; responses are left as they are.
 

@@ -18,8 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rlhf_ray.data.chat import format_records
-from rlhf_ray.data.loading import load_preferences, load_prompts, load_sft
-from rlhf_ray.data.records import PreferenceRecord, PromptRecord, SFTRecord
+from rlhf_ray.data.loading import load_preferences, load_prompts, load_ratings, load_sft
+from rlhf_ray.data.records import PreferenceRecord, PromptRecord, RatingRecord, SFTRecord
 
 
 class DatasetConfig(BaseModel):
@@ -32,12 +32,15 @@ class DatasetConfig(BaseModel):
     response_field: str = "response"
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
+    rating_field: str = "rating"  # ratings: a whole number 1..5 ...
+    like_field: str = "like"  # ... or a like, true or false
     on_error: Literal["raise", "skip"] = "raise"  # a malformed record: stop, or leave it out and log it
     chat_template: bool | None = None  # None: apply the tokenizer's chat template when it has one
     limit: int | None = Field(None, ge=1)  # read at most this many records (quick runs)
     skip: int = Field(0, ge=0)  # leave out the first records, e.g. those another stage trains on
 
-    @field_validator("path", "prompt_field", "response_field", "chosen_field", "rejected_field")
+    @field_validator("path", "prompt_field", "response_field", "chosen_field", "rejected_field", "rating_field",
+                     "like_field")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
@@ -61,4 +64,9 @@ class DatasetConfig(BaseModel):
     def load_preferences(self, tokenizer=None) -> list[PreferenceRecord]:
         records = load_preferences(self.path, prompt_field=self.prompt_field, chosen_field=self.chosen_field,
                                    rejected_field=self.rejected_field, **self._options())
+        return records if tokenizer is None else format_records(records, tokenizer, self.chat_template)
+
+    def load_ratings(self, tokenizer=None) -> list[RatingRecord]:
+        records = load_ratings(self.path, prompt_field=self.prompt_field, response_field=self.response_field,
+                               rating_field=self.rating_field, like_field=self.like_field, **self._options())
         return records if tokenizer is None else format_records(records, tokenizer, self.chat_template)

@@ -1,9 +1,10 @@
-"""The records of the three kinds of RLHF data, and the error a malformed one raises.
+"""The records of the kinds of RLHF data, and the error a malformed one raises.
 
 - prompts, for PPO rollouts (Ziegler et al. 2019; Ouyang et al. 2022, "the PPO dataset");
 - (prompt, response) demonstrations, for supervised fine-tuning ("the SFT dataset");
 - (prompt, chosen, rejected) comparisons, for the reward model's pairwise loss
-  -log sigmoid(r(chosen) - r(rejected)) ("the RM dataset").
+  -log sigmoid(r(chosen) - r(rejected)) ("the RM dataset");
+- (prompt, response, satisfaction) ratings and likes, for the user-satisfaction model S.
 
 Texts are raw: a chat template, when the model has one, is applied by `rlhf_ray.data.chat`.
 """
@@ -36,3 +37,10 @@ class PreferenceRecord:
     prompt: str
     chosen: str  # the response a labeller preferred
     rejected: str  # the one they did not
+
+
+@dataclass(frozen=True)
+class RatingRecord:
+    prompt: str
+    response: str
+    satisfaction: float  # in [0, 1]: a rating r of 1..5 as (r - 1) / 4, a like as 1, a dislike as 0
