@@ -2,12 +2,14 @@
 
 from rlhf_ray.config.loading import ConfigError, apply_overrides, dump_config, load_config
 from rlhf_ray.config.schema import (
-    DataConfig, DPOStageConfig, KLConfig, LearnerConfig, LoraSettings, ModelConfig, PPOConfig, RewardComponent, RewardConfig,
-    RolloutConfig, RunConfig, SamplingConfig, StageConfig, TrainConfig, WorkersConfig,
+    STAGE_SECTIONS, DataConfig, KLConfig, LearnerConfig, LoraSettings, ModelConfig, PPOConfig, RewardComponent,
+    RewardConfig, RolloutConfig, RunConfig, SamplingConfig, TrainConfig, WorkersConfig,
 )
+from rlhf_ray.config.stages import DPOStageConfig, SatisfactionStageConfig, StageConfig
 
 __all__ = [
-    "ConfigError", "DataConfig", "DPOStageConfig", "KLConfig", "LearnerConfig", "LoraSettings", "ModelConfig", "PPOConfig",
-    "RewardComponent", "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig", "StageConfig", "TrainConfig",
-    "WorkersConfig", "apply_overrides", "dump_config", "load_config",
+    "STAGE_SECTIONS", "ConfigError", "DataConfig", "DPOStageConfig", "KLConfig", "LearnerConfig", "LoraSettings",
+    "ModelConfig", "PPOConfig", "RewardComponent", "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig",
+    "SatisfactionStageConfig", "StageConfig", "TrainConfig", "WorkersConfig", "apply_overrides", "dump_config",
+    "load_config",
 ]

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from rlhf_ray.config.section import _Section
+from rlhf_ray.config.stages import DPOStageConfig, SatisfactionStageConfig, StageConfig
 from rlhf_ray.data.config import DatasetConfig
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LoraSettings(_Section):
@@ -286,39 +284,7 @@ class TrainConfig(_Section):
     eval_prompts: int = Field(64, ge=1)  # at most this many prompts of data.eval_dataset
 
 
-class StageConfig(_Section):
-    """A supervised stage before PPO (SFT or reward model), trained by the DeepSpeed learner."""
-
-    base: str  # the model the stage starts from (folder, built-in or hub name; "{run}" allowed)
-    data: DatasetConfig
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0.0)
-    batch_size: int = Field(8, ge=1)  # sequences (SFT) or pairs (RM) per optimizer step, all ranks
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # records held out to report loss / accuracy
-    max_length: int = Field(512, ge=8)  # tokens of prompt + response; longer records are cut on the left
-    weight_decay: float = Field(0.0, ge=0.0)
-
-
-class DPOStageConfig(StageConfig):
-    """Direct preference optimisation on (prompt, chosen, rejected) pairs (rlhf_ray/algorithms/preference.py):
-    the policy against the frozen start model, no reward model, no sampling."""
-
-    data: DatasetConfig | None = None  # the pairs; or feedback_db
-    # a served model's feedback database (`rlhf-ray serve --feedback-db`): the pipeline exports its preference
-    # pairs (as `rlhf-ray feedback export` does, ties left out) into {run}/dpo_feedback/ and trains on them
-    feedback_db: str | None = None
-    loss_type: Literal["dpo", "ipo", "simpo"] = "dpo"
-    beta: float = Field(0.1, gt=0.0)  # DPO/IPO: the KL strength; SimPO: the reward scale (about 2)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # conservative DPO (and SimPO): share of flipped labels
-    simpo_gamma: float = Field(0.5, ge=0.0)  # SimPO's target margin
-    # RPO: plus rpo_alpha x the chosen response's NLL per token, which keeps DPO from lowering the chosen ones
-    rpo_alpha: float = Field(0.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "DPOStageConfig":
-        if (self.data is None) == (self.feedback_db is None):
-            raise ValueError("set one of data (a preference dataset) and feedback_db (a feedback database)")
-        return self
+STAGE_SECTIONS = ("sft", "reward_model", "satisfaction_model", "dpo")  # RunConfig's stage sections, in order
 
 
 class RunConfig(_Section):
@@ -334,6 +300,8 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     sft: StageConfig | None = None  # `rlhf-ray pipeline`: supervised fine-tuning, written to {run}/sft
     reward_model: StageConfig | None = None  # `rlhf-ray pipeline`: Bradley-Terry RM, written to {run}/reward_model
+    # `rlhf-ray pipeline`: the user-satisfaction model S on ratings and likes, written to {run}/satisfaction_model
+    satisfaction_model: SatisfactionStageConfig | None = None
     dpo: DPOStageConfig | None = None  # `rlhf-ray pipeline`: DPO / IPO / SimPO on pairs, written to {run}/dpo
 
     @property
@@ -359,15 +327,17 @@ class RunConfig(_Section):
             return str(Path(path).resolve())
 
         data["output_dir"] = absolute(data["output_dir"])
-        for section in (data["data"], data["sft"], data["reward_model"], data["dpo"]):
+        stages = [data[name] for name in STAGE_SECTIONS]
+        for section in (data["data"], *stages):
             for key in ("prompt_dataset", "eval_dataset", "data"):
                 if section and section.get(key):
                     section[key]["path"] = absolute(section[key]["path"])
-        if data["dpo"] and data["dpo"]["feedback_db"]:
-            data["dpo"]["feedback_db"] = absolute(data["dpo"]["feedback_db"])
+        for stage in stages:
+            if stage and stage.get("feedback_db"):
+                stage["feedback_db"] = absolute(stage["feedback_db"])
         data["model"]["policy"] = absolute(data["model"]["policy"], must_exist=True)
         data["model"]["reference"] = absolute(data["model"]["reference"], must_exist=True)
-        for stage in (data["sft"], data["reward_model"], data["dpo"]):
+        for stage in stages:
             if stage:
                 stage["base"] = absolute(stage["base"], must_exist=True)
         for component in (data["reward"]["components"] or {}).values():
