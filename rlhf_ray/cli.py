@@ -1,7 +1,8 @@
 """The `rlhf-ray` command line.
 
     rlhf-ray train CONFIG [key=value ...] [--address ADDR]   run PPO; outputs in runs/<name>/
-    rlhf-ray pipeline CONFIG [key=value ...]  SFT -> reward model -> PPO (or SFT -> DPO), finished stages skipped
+    rlhf-ray pipeline CONFIG [key=value ...]  SFT -> reward and satisfaction models -> PPO (or SFT -> DPO), finished
+                                              stages skipped
     rlhf-ray config CONFIG [key=value ...]     print the resolved configuration
     rlhf-ray submit CONFIG --address http://HEAD:8265 [--no-wait] [key=value ...]   train as a Ray Job
     rlhf-ray jobs status|logs|stop|list ...    follow submitted jobs
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true",
         help="start over, deleting the run folder's checkpoints and metrics (default: resume)")
     command("pipeline", "run SFT, reward model, DPO and PPO in order, skipping finished stages", cmd_pipeline,
-            runs=True).add_argument("--stages", default="sft,reward_model,dpo,ppo",
+            runs=True).add_argument("--stages", default="sft,reward_model,satisfaction_model,dpo,ppo",
                                     help="comma-separated stages to run (default: every stage the config has)")
     command("config", "print the resolved configuration", cmd_config)
     command("sample", "sample and score a batch of episodes from the policy", cmd_sample)

@@ -142,7 +142,7 @@ def test_dpo_trains_on_the_served_feedback_its_pipeline_exports(tmp_path):
     """`dpo.feedback_db`: the pairs the server's users chose, exported as `rlhf-ray feedback export` does, ties
     left out and counted; a database without pairs is one clear error."""
     from rlhf_ray.config import RunConfig
-    from rlhf_ray.pipeline.stages import export_dpo_feedback
+    from rlhf_ray.pipeline.stages import export_stage_feedback
     from rlhf_ray.serve.feedback_store import ChoiceRecord, CompletionRecord, FeedbackStore
     from rlhf_ray.stages import StageError
 
@@ -153,17 +153,17 @@ def test_dpo_trains_on_the_served_feedback_its_pipeline_exports(tmp_path):
     config = RunConfig.model_validate({"name": "fb", "output_dir": str(tmp_path),
                                        "dpo": {"base": "rlhf-ray/tiny-gpt2", "feedback_db": str(store.path)}})
     with pytest.raises(StageError, match="holds no preference pairs to train on"):
-        export_dpo_feedback(config)
+        export_stage_feedback(config, "dpo")
     store.add_feedback("c1", choice_index=0)
     store.add_feedback("c2", choice_index=1)  # the same text twice: a tie
     store.close()
-    exported = export_dpo_feedback(config)
+    exported = export_stage_feedback(config, "dpo")
     assert exported.dpo.feedback_db is None and exported.dpo.data.path == str(tmp_path / "fb" / "dpo_feedback" /
                                                                                 "preferences.jsonl")
     assert [(r.prompt, r.chosen, r.rejected) for r in exported.dpo.data.load_preferences()] == \
         [("the movie was", " good", " bad")]
     with pytest.raises(StageError, match="does not exist"):
-        export_dpo_feedback(RunConfig.model_validate({**config.model_dump(), "dpo": {
+        export_stage_feedback(RunConfig.model_validate({**config.model_dump(), "dpo": {
             "base": "rlhf-ray/tiny-gpt2", "feedback_db": str(tmp_path / "missing.db")}}))
 
 

@@ -1,6 +1,7 @@
-"""The RLHF stages: SFT, the reward model and `rlhf-ray pipeline` (SFT -> RM -> PPO) on tiny models.
+"""The RLHF stages: SFT, the reward model H, the satisfaction model S and `rlhf-ray pipeline` (SFT -> RM -> S ->
+PPO against R = Q + lambda S + mu H) on tiny models.
 
-The end-to-end test runs the pipeline of experiments/pipeline.yaml, made smaller, on a real local Ray,
+The end-to-end test runs the pipeline of experiments/pipeline_satisfaction.yaml, made smaller, on a real local Ray,
 then checks each stage's reported figures against a direct computation with the saved models.
 """
 
@@ -13,14 +14,14 @@ import pytest
 import torch
 
 from envs.builtin import sentiment_score
-from rlhf_ray.data import load_preferences, load_sft
+from rlhf_ray.data import load_preferences, load_ratings, load_sft
 from rlhf_ray.models import load_policy, load_tokenizer
 from rlhf_ray.models.forward import pack_episodes
 from rlhf_ray.rewards import RewardModelScorer
 from rlhf_ray.stages.common import epoch_batches, split_records
 from rlhf_ray.stages.sft import response_nll, tokenize_demonstrations
 
-PIPELINE = ["experiments/pipeline.yaml", "sft.epochs=1", "reward_model.epochs=1", "train.iterations=2",
+PIPELINE = ["experiments/pipeline_satisfaction.yaml", "sft.epochs=1", "reward_model.epochs=1", "train.iterations=2",
             "train.checkpoint_every=1", "rollout.batch_size=8", "ppo.minibatch_size=4", "ppo.epochs=1"]
 
 
@@ -73,8 +74,8 @@ def pipeline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     proc = pipeline(tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "stages: sft ran, reward_model ran, ppo ran" in proc.stdout
-    return tmp, tmp / "pipeline"
+    assert "stages: sft ran, reward_model ran, satisfaction_model ran, ppo ran" in proc.stdout
+    return tmp, tmp / "pipeline_satisfaction"
 
 
 def test_sft_lowers_held_out_response_loss_as_reported(pipeline_run):
@@ -111,13 +112,30 @@ def test_reward_model_learns_the_planted_preference(pipeline_run):
     assert abs(scores.mean()) < 1e-3 and scores.std() == pytest.approx(1.0, rel=1e-3)
 
 
+def test_satisfaction_model_learns_the_ratings_and_scores_on_their_scale(pipeline_run):
+    _, run = pipeline_run
+    summary = json.loads((run / "satisfaction_model" / "summary.json").read_text())
+    # below the error of predicting the training mean for every answer: it learned from the answers
+    assert summary["eval_mse_after"] < summary["eval_mse_of_mean"] < summary["eval_mse_before"]
+    records = load_ratings("experiments/data/ratings.jsonl")
+    train, heldout = split_records(records, 0.1, seed=0)
+    assert summary["train_mean"] == pytest.approx(np.mean([r.satisfaction for r in train]))
+    # the folder is a reward component on the labels' scale (no reward_stats.json: raw scores), and the
+    # reported held-out error is its error
+    assert not (run / "satisfaction_model" / "reward_stats.json").exists()
+    scores = RewardModelScorer(run / "satisfaction_model")([r.prompt for r in heldout], [r.response for r in heldout])
+    errors = scores - np.array([r.satisfaction for r in heldout])
+    assert float(np.mean(errors ** 2)) == pytest.approx(summary["eval_mse_after"], rel=1e-4)
+    assert float(np.mean(np.abs(errors))) == pytest.approx(summary["eval_mae_after"], rel=1e-4)
+
+
 def test_ppo_uses_the_stage_outputs_and_logs_each_reward_component(pipeline_run):
     _, run = pipeline_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
-    for row in rows:  # R = 1.0 * human + 0.2 * quality, averaged over the batch
-        assert row["rollout/reward_mean"] == pytest.approx(row["reward/human"] + 0.2 * row["reward/quality"],
-                                                           abs=1e-5)
+    for row in rows:  # R = 1.0 H + 0.5 S + 0.2 Q, averaged over the batch
+        assert row["rollout/reward_mean"] == pytest.approx(
+            row["reward/human"] + 0.5 * row["reward/satisfaction"] + 0.2 * row["reward/quality"], abs=1e-5)
     assert (run / "policy" / "config.json").is_file()
     # iteration 1's KL is measured against the reference, which is the SFT model the policy starts from
     assert abs(rows[0]["objective/kl"]) < 1e-4
@@ -129,7 +147,7 @@ def test_rerun_skips_finished_stages(pipeline_run):
                                                  run / "metrics.jsonl")}
     proc = pipeline(tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stages: sft skipped, reward_model skipped, ppo skipped" in proc.stdout
+    assert "stages: sft skipped, reward_model skipped, satisfaction_model skipped, ppo skipped" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
@@ -139,7 +157,7 @@ def test_malformed_data_line_fails_before_any_stage_with_file_and_line(tmp_path)
     proc = pipeline(tmp_path, f"sft.data.path={bad}")
     assert proc.returncode == 1
     assert f"{bad}:3: missing field 'response'" in proc.stderr
-    assert not (tmp_path / "pipeline" / "sft").exists()
+    assert not (tmp_path / "pipeline_satisfaction" / "sft").exists()
 
 
 def test_policy_naming_a_stage_the_config_lacks_is_an_error(tmp_path):
@@ -156,7 +174,7 @@ def test_the_pipeline_trains_lora_adapters_in_every_stage(tmp_path):
     proc = pipeline(tmp_path, "model.lora={r: 8, alpha: 16, target_modules: [c_attn, c_fc]}", "sft.lr=3e-3",
                     "reward_model.lr=3e-3", "train.iterations=1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    run = tmp_path / "pipeline"
+    run = tmp_path / "pipeline_satisfaction"
     sft = json.loads((run / "sft" / "summary.json").read_text())
     assert sft["eval_loss_after"] < sft["eval_loss_before"] - 0.3
     rm = json.loads((run / "reward_model" / "summary.json").read_text())
@@ -184,3 +202,29 @@ def test_rank_batches_make_every_rank_run_as_many_passes(monkeypatch):
     monkeypatch.setattr(common, "get_world_size", lambda: 4)
     monkeypatch.setattr(common, "get_rank", lambda: 3)
     assert common.rank_batches(list("ab"), 8) == [(["a"], 0)]  # no item of its own
+
+
+def test_the_satisfaction_model_trains_on_the_served_ratings_its_pipeline_exports(tmp_path):
+    """`satisfaction_model.feedback_db`: the latest rating of each served answer, exported as `rlhf-ray feedback
+    export` writes it; a database without ratings is one clear error."""
+    from rlhf_ray.config import RunConfig
+    from rlhf_ray.pipeline.stages import export_stage_feedback
+    from rlhf_ray.serve.feedback_store import ChoiceRecord, CompletionRecord, FeedbackStore
+    from rlhf_ray.stages import StageError
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    choices = [ChoiceRecord(i, 0, "the movie was", text, "stop") for i, text in enumerate([" good", " bad"])]
+    store.record_completions([CompletionRecord("c1", 1.0, "tiny", "v1", "completions", choices, {})])
+    config = RunConfig.model_validate({"name": "fb", "output_dir": str(tmp_path), "satisfaction_model": {
+        "base": "rlhf-ray/tiny-gpt2", "feedback_db": str(store.path)}})
+    with pytest.raises(StageError, match="holds no rated answers to train on"):
+        export_stage_feedback(config, "satisfaction_model")
+    store.add_feedback("c1", rating=2, choice_index=1)
+    store.add_feedback("c1", rating=5, choice_index=0)
+    store.add_feedback("c1", rating=4, choice_index=0)  # the latest rating of an answer counts
+    store.close()
+    exported = export_stage_feedback(config, "satisfaction_model").satisfaction_model
+    assert exported.feedback_db is None
+    assert exported.data.path == str(tmp_path / "fb" / "satisfaction_model_feedback" / "ratings.jsonl")
+    assert sorted((r.response, r.satisfaction) for r in exported.data.load_ratings()) == [(" bad", 0.25),
+                                                                                         (" good", 0.75)]

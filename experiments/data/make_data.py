@@ -10,6 +10,8 @@ Two worlds:
    - preferences.jsonl                       {"prompt", "chosen", "rejected"}: the planted preference,
      sentiment_score(chosen) > sentiment_score(rejected), both of the same length in words (so length
      tells nothing), from pairs positive/negative, positive/neutral and mixed/mixed.
+   - ratings.jsonl                           {"prompt", "response", "rating" 1..5 or "like" true/false}: the
+     satisfaction model's data, ratings that follow the sentiment score with some noise
 2. An assistant world for SmolLM2-135M-Instruct: user questions with a polite, concise answer (chosen)
    and a rude or rambling one with the same facts (rejected).
    - assistant_prompts.jsonl / assistant_prompts_heldout.jsonl   {"prompt"}: held-out topics are unseen
@@ -120,6 +122,28 @@ def toy_datasets(rng: random.Random) -> dict[str, list[dict]]:
                 unknown = set(text.split()) - vocabulary
                 assert not unknown, f"{name}: words {unknown} not in the tiny vocabulary: {text!r}"
     return datasets
+
+
+def toy_ratings(prompts: list[str], rng: random.Random, count: int = 300) -> list[dict]:
+    """Toy answers to training prompts as people might rate them: a rating 1..5 that follows the sentiment
+    score s (1 + 4 (s + 1) / 2, rounded), off by one for a fifth of them (people differ); every fourth record
+    a like (s > 0) or dislike instead. The answers are one side of a preference-style pair or a positive one."""
+    from envs.builtin import sentiment_score
+
+    records = []
+    for number in range(count):
+        response = positive_response(rng) if rng.random() < 0.25 else rng.choice(_response_pair(rng))
+        score = sentiment_score(response)
+        record = {"prompt": rng.choice(prompts), "response": response}
+        if number % 4 == 3:
+            record["like"] = score > 0
+        else:
+            rating = 1 + round(4 * (score + 1) / 2)
+            if rng.random() < 0.2:
+                rating += rng.choice([-1, 1])
+            record["rating"] = min(5, max(1, rating))
+        records.append(record)
+    return records
 
 
 # ---------------------------------------------------------------- the assistant world
@@ -307,7 +331,10 @@ def task_datasets(seed: int = TASK_SEED) -> dict[str, list[dict]]:
 
 def all_datasets(seed: int = SEED) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    return {**toy_datasets(rng), **assistant_datasets(rng), **task_datasets()}
+    toy = toy_datasets(rng)
+    # a stream of its own, so that the files made before it stay the same
+    ratings = toy_ratings([r["prompt"] for r in toy["prompts.jsonl"]], random.Random(seed + 1))
+    return {**toy, "ratings.jsonl": ratings, **assistant_datasets(rng), **task_datasets()}
 
 
 def as_jsonl(records: list[dict]) -> str:

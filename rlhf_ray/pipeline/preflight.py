@@ -78,13 +78,14 @@ def check_model(key: str, name: str, report: PreflightReport, on_cluster: bool =
 
 
 def check_dataset(key: str, dataset, report: PreflightReport, kind: str, on_cluster: bool = False) -> list:
-    """Every record of a `DatasetConfig` (`kind`: prompts, sft or preferences), raw (no chat template)."""
+    """Every record of a `DatasetConfig` (`kind`: prompts, sft, preferences or ratings), raw (no chat template)."""
     from rlhf_ray.data import DataError
 
     if _missing_on_this_machine(dataset.path, on_cluster):
         report.skipped.append(f"{key} ({dataset.path}, on the cluster)")
         return []
-    load = {"prompts": dataset.load_prompts, "sft": dataset.load_sft, "preferences": dataset.load_preferences}[kind]
+    load = {"prompts": dataset.load_prompts, "sft": dataset.load_sft, "preferences": dataset.load_preferences,
+            "ratings": dataset.load_ratings}[kind]
     try:
         records = load()
     except DataError as err:
@@ -176,22 +177,23 @@ def _reward_keys(config: RunConfig) -> list[tuple[str, str]]:
 
 def preflight(config: RunConfig, stages: Sequence[str] = ("ppo",), on_cluster: bool = False,
               log: Callable[[str], None] | None = print) -> PreflightReport:
-    """Check what the `stages` of a run (of `sft`, `reward_model`, `dpo`, `ppo`) will read; raise PreflightError.
+    """Check what the `stages` of a run (of `sft`, `reward_model`, `satisfaction_model`, `dpo`, `ppo`) will read;
+    raise PreflightError.
 
     `config` has absolute paths (`RunConfig.with_absolute_paths`).
     """
     started = time.perf_counter()
     report = PreflightReport()
-    made = {f"{{run}}/{stage}" for stage in ("sft", "reward_model", "dpo")
-            if stage in stages and getattr(config, stage) is not None}
-    for stage, kind in (("sft", "sft"), ("reward_model", "preferences"), ("dpo", "preferences")):
+    kinds = {"sft": "sft", "reward_model": "preferences", "satisfaction_model": "ratings", "dpo": "preferences"}
+    made = {f"{{run}}/{stage}" for stage in kinds if stage in stages and getattr(config, stage) is not None}
+    for stage, kind in kinds.items():
         section = getattr(config, stage)
         if stage in stages and section is not None:
             if _stage_output(section.base, made):  # e.g. DPO from "{run}/sft", made by this pipeline first
                 report.skipped.append(_made_by(f"{stage}.base", section.base))
             else:
                 check_model(f"{stage}.base", config.expand(section.base), report, on_cluster)
-            if section.data is None:  # dpo.feedback_db: the pairs are exported when the stage is to run
+            if section.data is None:  # <stage>.feedback_db: exported when the stage is to run
                 report.skipped.append(f"{stage}.data (exported from {stage}.feedback_db)")
             else:
                 records = check_dataset(f"{stage}.data", section.data, report, kind, on_cluster)
@@ -226,9 +228,9 @@ def _preflight_ppo(config: RunConfig, made: set[str], report: PreflightReport, o
         check_dataset("data.prompt_dataset", config.data.prompt_dataset, report, "prompts", on_cluster)
     if config.train.eval_every and config.data.eval_dataset is not None:
         check_dataset("data.eval_dataset", config.data.eval_dataset, report, "prompts", on_cluster)
-    pending = [key for key, path in _reward_keys(config) if _stage_output(path, made)]
+    pending = [(key, path) for key, path in _reward_keys(config) if _stage_output(path, made)]
     if pending:  # the reward reads a model that an earlier stage makes: PPO's own preflight calls it
-        report.skipped.extend(f"{key} (made by the reward_model stage)" for key in pending)
+        report.skipped.extend(_made_by(key, path) for key, path in pending)
         return
     for key, path in _reward_keys(config):
         if _missing_on_this_machine(config.expand(path), on_cluster):

@@ -2,6 +2,7 @@
 
     {run}/sft/            the SFT policy (when the config has an `sft` section)
     {run}/reward_model/   the Bradley-Terry reward model (when it has a `reward_model` section)
+    {run}/satisfaction_model/  the user-satisfaction model S on ratings and likes (a `satisfaction_model` section)
     {run}/dpo/            the DPO policy (when it has a `dpo` section)
     {run}/policy/ ...     the PPO run, as `rlhf-ray train` writes it
 
@@ -20,11 +21,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_ray.config import RunConfig, dump_config
+from rlhf_ray.config import STAGE_SECTIONS, RunConfig, dump_config
 from rlhf_ray.pipeline.preflight import preflight
 from rlhf_ray.stages.common import StageError, run_stage, stage_complete
 
-STAGES = ("sft", "reward_model", "dpo", "ppo")
+STAGES = (*STAGE_SECTIONS, "ppo")  # sft, reward_model, satisfaction_model, dpo, then PPO
 
 
 def ppo_complete(run_dir: Path, iterations: int) -> bool:
@@ -41,7 +42,7 @@ def check_wiring(config: RunConfig) -> None:
     made = {f"{{run}}/{stage}": getattr(config, stage) is not None for stage in STAGES[:-1]}
     paths = [("model.policy", config.model.policy), ("model.reference", config.model.reference or "")]
     paths += [(f"reward.components.{name}.model", c.model or "") for name, c in (config.reward.components or {}).items()]
-    paths += [(f"{stage}.base", getattr(config, stage).base) for stage in ("reward_model", "dpo")
+    paths += [(f"{stage}.base", getattr(config, stage).base) for stage in STAGE_SECTIONS[1:]
               if getattr(config, stage) is not None]
     for key, path in paths:
         for output, present in made.items():
@@ -50,27 +51,33 @@ def check_wiring(config: RunConfig) -> None:
                 raise StageError(f"{key} is {path!r}, but the config has no '{stage}' section to make it")
 
 
-def export_dpo_feedback(config: RunConfig) -> RunConfig:
-    """`config` with `dpo.data` the preference pairs exported from `dpo.feedback_db` into {run}/dpo_feedback/
-    (as `rlhf-ray feedback export` writes them, ties left out and counted)."""
+def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
+    """`config` with `<stage>.data` what it trains on, exported from `<stage>.feedback_db` into
+    {run}/<stage>_feedback/ as `rlhf-ray feedback export` writes it: DPO's preference pairs (ties left out and
+    counted), the satisfaction model's ratings (the latest of each answer)."""
     from rlhf_ray.data.config import DatasetConfig
     from rlhf_ray.serve.feedback_store import export_feedback
 
-    db, out = Path(config.dpo.feedback_db), Path(config.run_dir) / "dpo_feedback"
+    section = getattr(config, stage)
+    db, out = Path(section.feedback_db), Path(config.run_dir) / f"{stage}_feedback"
     if not db.is_file():
-        raise StageError(f"dpo.feedback_db: {db} does not exist (the database of `rlhf-ray serve --feedback-db`)")
+        raise StageError(f"{stage}.feedback_db: {db} does not exist (the database of `rlhf-ray serve --feedback-db`)")
     try:
         summary = export_feedback(db, out)
     except Exception as err:  # not a feedback database, or a broken one
-        raise StageError(f"dpo.feedback_db: {db}: {err}") from err
-    print(f"[pipeline] dpo: {summary.feedback_records} feedback records in {db} -> {summary.pairs} preference pairs "
-          f"({summary.ties_skipped} ties left out) in {summary.preferences}")
-    if summary.pairs == 0:
-        raise StageError(f"dpo.feedback_db: {db} holds no preference pairs to train on ({summary.feedback_records} "
-                         f"feedback records, {summary.ties_skipped} ties)")
+        raise StageError(f"{stage}.feedback_db: {db}: {err}") from err
+    if stage == "dpo":
+        path, count = summary.preferences, summary.pairs
+        what = f"preference pairs ({summary.ties_skipped} ties left out)"
+    else:
+        path, count, what = summary.ratings, summary.rated, "rated answers"
+    print(f"[pipeline] {stage}: {summary.feedback_records} feedback records in {db} -> {count} {what} in {path}")
+    if count == 0:
+        raise StageError(f"{stage}.feedback_db: {db} holds no {what.split(' (')[0]} to train on "
+                         f"({summary.feedback_records} feedback records, {summary.ties_skipped} tied pairs)")
     # the stage's ranks read the exported file (a config names one source: the database is done with)
-    dpo = config.dpo.model_copy(update={"data": DatasetConfig(path=str(summary.preferences)), "feedback_db": None})
-    return RunConfig.model_validate({**config.model_dump(), "dpo": dpo.model_dump()})
+    updated = section.model_copy(update={"data": DatasetConfig(path=str(path)), "feedback_db": None})
+    return RunConfig.model_validate({**config.model_dump(), stage: updated.model_dump()})
 
 
 def run_pipeline(config: RunConfig, address: str | None = None, progress: bool = True,
@@ -85,6 +92,7 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     from rlhf_ray.pipeline.train import start_ray, train
     from rlhf_ray.stages.dpo import dpo_loop
     from rlhf_ray.stages.reward_model import reward_model_loop
+    from rlhf_ray.stages.satisfaction import satisfaction_loop
     from rlhf_ray.stages.sft import sft_loop
 
     config = config.with_absolute_paths()
@@ -92,9 +100,11 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     if "ppo" in stages and config.dpo is not None and config.model.policy.rstrip("/") != "{run}/dpo":
         print("[pipeline] ppo: not run (the config has a dpo stage, and model.policy is not \"{run}/dpo\")")
         stages = tuple(stage for stage in stages if stage != "ppo")
-    if "dpo" in stages and config.dpo is not None and config.dpo.feedback_db \
-            and not stage_complete(Path(config.run_dir) / "dpo"):
-        config = export_dpo_feedback(config)
+    for stage in ("satisfaction_model", "dpo"):
+        section = getattr(config, stage)
+        if stage in stages and section is not None and section.feedback_db \
+                and not stage_complete(Path(config.run_dir) / stage):
+            config = export_stage_feedback(config, stage)
     # every dataset, model and reward the chosen stages read, before Ray starts (a stage's output is
     # checked once that stage has made it: PPO's own preflight runs in `train`)
     preflight(config, stages=stages)
@@ -102,8 +112,10 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.yaml").write_text(dump_config(config))
     status = {}
-    for stage, section, loop in (("sft", config.sft, sft_loop), ("reward_model", config.reward_model,
-                                                                   reward_model_loop), ("dpo", config.dpo, dpo_loop)):
+    loops = {"sft": sft_loop, "reward_model": reward_model_loop, "satisfaction_model": satisfaction_loop,
+             "dpo": dpo_loop}
+    for stage, loop in loops.items():
+        section = getattr(config, stage)
         out = run_dir / stage
         if stage not in stages:
             continue
@@ -133,5 +145,5 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
 
 def _summary_line(summary: dict) -> str:
     keys = ("eval_loss_before", "eval_loss_after", "eval_accuracy_before", "eval_accuracy_after", "eval_margin_before",
-            "eval_margin_after", "score_std")
+            "eval_margin_after", "score_std", "eval_mse_before", "eval_mse_after", "eval_mse_of_mean")
     return ", ".join(f"{k} {summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float)))
