@@ -16,7 +16,6 @@ import torch
 from envs.builtin import sentiment_score
 from rlhf_ray.data import load_preferences, load_ratings, load_sft
 from rlhf_ray.models import load_policy, load_tokenizer
-from rlhf_ray.models.forward import pack_episodes
 from rlhf_ray.rewards import RewardModelScorer
 from rlhf_ray.stages.common import epoch_batches, split_records
 from rlhf_ray.stages.sft import response_nll, tokenize_demonstrations

@@ -135,6 +135,19 @@ class StageWriter:
                        staging=self.tmp)
 
 
+def held_out_figures(writer: StageWriter, heldout: Sequence, measure: Callable[[], dict], prefix: str):
+    """`held_out(epoch, step)`: the held-out figures `measure()` returns, logged with each key under `prefix`;
+    None (and nothing measured) when the stage holds nothing out."""
+    def held_out(epoch: int, step: int) -> dict | None:
+        if not heldout:
+            return None
+        result = measure()
+        writer.log({"epoch": epoch, "step": step, **{f"{prefix}{key}": value for key, value in result.items()}})
+        return result
+
+    return held_out
+
+
 def run_stage(loop: Callable[[dict], None], config: RunConfig, stage: str, out: Path) -> Path:
     """Run `loop` on `learner.num_workers` Ray Train workers (Ray must be up); returns `out`."""
     trainer = learner_group(loop, {"config": config.model_dump(mode="json"), "stage": stage, "out": str(out)},

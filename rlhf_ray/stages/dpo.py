@@ -31,8 +31,8 @@ from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.forward import pack_episodes, response_logprobs
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_batches, rank_slice, split_records, stage_engine_config, start_stage,
-    trained_state_dict, with_lora,
+    StageWriter, epoch_batches, held_out_figures, rank_batches, rank_slice, split_records, stage_engine_config,
+    start_stage, trained_state_dict, with_lora,
 )
 from rlhf_ray.stages.sft import cut_to_length
 
@@ -124,12 +124,8 @@ def dpo_loop(loop_config: dict) -> None:
         if get_rank() == 0:
             torch.save({"train": train_ref, "heldout": heldout_ref, "average": average}, writer.tmp / REFERENCE_FILE)
 
-    def held_out(epoch: int, step: int) -> dict | None:
-        if not heldout:
-            return None
-        result = evaluate(engine, stage, heldout, heldout_ref, pad, micro)
-        writer.log({"epoch": epoch, "step": step, **{f"eval/{k}": v for k, v in result.items()}})
-        return result
+    held_out = held_out_figures(writer, heldout, lambda: evaluate(engine, stage, heldout, heldout_ref, pad, micro),
+                                "eval/")
 
     before = after = held_out(0, 0)
     step = 0

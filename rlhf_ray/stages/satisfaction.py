@@ -20,8 +20,8 @@ from rlhf_ray.learner.engine import create_engine
 from rlhf_ray.models.loading import DTYPES
 from rlhf_ray.rewards.reward_model import join_prompt_response
 from rlhf_ray.stages.common import (
-    StageWriter, epoch_batches, rank_batches, rank_slice, split_records, stage_engine_config, start_stage,
-    trained_state_dict, with_lora,
+    StageWriter, epoch_batches, held_out_figures, rank_batches, rank_slice, split_records, stage_engine_config,
+    start_stage, trained_state_dict, with_lora,
 )
 from rlhf_ray.stages.reward_model import encode, load_reward_model
 
@@ -61,12 +61,8 @@ def satisfaction_loop(loop_config: dict) -> None:
     writer = StageWriter(out)
     micro, length = engine_cfg.micro_batch_size, stage.max_length
 
-    def held_out(epoch: int, step: int) -> dict | None:
-        if not heldout:
-            return None
-        result = evaluate(engine, tokenizer, heldout, length, micro, mean)
-        writer.log({"epoch": epoch, "step": step, **{f"satisfaction/eval_{k}": v for k, v in result.items()}})
-        return result
+    held_out = held_out_figures(writer, heldout, lambda: evaluate(engine, tokenizer, heldout, length, micro, mean),
+                                "satisfaction/eval_")
 
     before = after = held_out(0, 0)
     step = 0
