@@ -164,7 +164,7 @@ def test_dpo_trains_on_the_served_feedback_its_pipeline_exports(tmp_path):
         [("the movie was", " good", " bad")]
     with pytest.raises(StageError, match="does not exist"):
         export_stage_feedback(RunConfig.model_validate({**config.model_dump(), "dpo": {
-            "base": "rlhf-ray/tiny-gpt2", "feedback_db": str(tmp_path / "missing.db")}}))
+            "base": "rlhf-ray/tiny-gpt2", "feedback_db": str(tmp_path / "missing.db")}}), "dpo")
 
 
 def test_ipo_with_lora_on_two_zero3_ranks_matches_one_rank(tmp_path):
