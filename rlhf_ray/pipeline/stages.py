@@ -67,14 +67,14 @@ def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
     except Exception as err:  # not a feedback database, or a broken one
         raise StageError(f"{stage}.feedback_db: {db}: {err}") from err
     if stage == "dpo":
-        path, count = summary.preferences, summary.pairs
-        what = f"preference pairs ({summary.ties_skipped} ties left out)"
+        path, count, what = summary.preferences, summary.pairs, "preference pairs"
+        note = f", {summary.ties_skipped} ties left out"
     else:
-        path, count, what = summary.ratings, summary.rated, "rated answers"
-    print(f"[pipeline] {stage}: {summary.feedback_records} feedback records in {db} -> {count} {what} in {path}")
+        path, count, what, note = summary.ratings, summary.rated, "rated answers", ""
+    print(f"[pipeline] {stage}: {summary.feedback_records} feedback records in {db} -> {count} {what}{note} in {path}")
     if count == 0:
-        raise StageError(f"{stage}.feedback_db: {db} holds no {what.split(' (')[0]} to train on "
-                         f"({summary.feedback_records} feedback records, {summary.ties_skipped} tied pairs)")
+        raise StageError(f"{stage}.feedback_db: {db} holds no {what} to train on "
+                         f"({summary.feedback_records} feedback records{note})")
     # the stage's ranks read the exported file (a config names one source: the database is done with)
     updated = section.model_copy(update={"data": DatasetConfig(path=str(path)), "feedback_db": None})
     return RunConfig.model_validate({**config.model_dump(), stage: updated.model_dump()})
