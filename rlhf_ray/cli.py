@@ -11,7 +11,10 @@
     rlhf-ray eval RUN_OR_POLICY [--prompts PATH ...]   held-out reward, KL, win rate, BLEU/ROUGE; report.html
     rlhf-ray sample CONFIG [key=value ...]     sample a batch of episodes from the policy and score them
     rlhf-ray serve POLICY [--port P --replicas MIN:MAX --api-key KEY]   OpenAI-compatible server + feedback
-    rlhf-ray feedback export DB [--out DIR]   preference dataset and rating statistics of the feedback
+    rlhf-ray feedback export DB [--out DIR]   preferences, ratings and studies of the feedback, with lineage
+    rlhf-ray annotators add NAME [--db DB]     a person's key for the feedback pages (/ui/label, /ui/chat, /ui/eval)
+    rlhf-ray queue add NAME --pairs FILE       a labelling queue of pairs; `queue list` shows progress
+    rlhf-ray study create NAME --a X --b Y --prompts FILE   a blind study of two models; `study results NAME`
 
 Configuration errors (unknown key, wrong type, missing file) print one message naming the key and
 exit with status 2, the habit of command-line tools for usage errors.
@@ -159,10 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf_ray.evaluation.cli import add_eval_commands
     from rlhf_ray.jobs.cli import add_job_commands
     from rlhf_ray.labeling import add_label_commands
+    from rlhf_ray.serve.annotation_cli import add_annotation_commands
 
     add_job_commands(commands)
     add_serve_commands(commands)
     add_label_commands(commands)
+    add_annotation_commands(commands)
     add_eval_commands(commands)
     return parser
 

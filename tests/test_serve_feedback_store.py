@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.cli import main
-from rlhf_ray.serve.feedback_store import (
-    ChoiceRecord, CompletionRecord, FeedbackError, FeedbackStore, export_feedback,
-)
+from rlhf_ray.serve.feedback_export import export_feedback
+from rlhf_ray.serve.feedback_store import ChoiceRecord, CompletionRecord, FeedbackError, FeedbackStore
 
 
 def completion(id, responses, prompts=("the movie was",), version="v3-abc"):
@@ -118,8 +117,13 @@ def test_export_writes_pairs_ratings_and_statistics(store, tmp_path):
     summary = export_feedback(store.path, tmp_path / "out")
 
     pairs = [json.loads(line) for line in summary.preferences.read_text().splitlines()]
-    assert pairs == [{"prompt": "the movie was", "chosen": " good", "rejected": " bad"},
-                     {"prompt": "the movie was", "chosen": " good", "rejected": " dull"}]
+    assert [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs] == [
+        {"prompt": "the movie was", "chosen": " good", "rejected": " bad"},
+        {"prompt": "the movie was", "chosen": " good", "rejected": " dull"}]
+    # lineage: the completion judged, its policy version and sampling, who and when
+    assert {(p["source"], p["annotator"], p["completion_id"], p["policy_version"]) for p in pairs} == \
+        {("api", None, "c1", "v3-abc")}
+    assert pairs[0]["sampling"] == {"temperature": 1.0} and pairs[0]["created"] > 0
     assert summary.ties_skipped == 1  # c2's two identical choices
     ratings = [json.loads(line) for line in summary.ratings.read_text().splitlines()]
     assert sorted((r["response"], r["rating"]) for r in ratings) == [(" dull", 2), (" fun", 4), (" good", 5)]
@@ -137,8 +141,8 @@ def test_feedback_export_command(store, tmp_path, capsys):
     store.add_feedback("c1", rating=5)
     assert main(["feedback", "export", str(store.path), "--out", str(tmp_path / "out")]) == 0
     assert "1 preference pairs" in capsys.readouterr().out
-    assert json.loads((tmp_path / "out" / "preferences.jsonl").read_text()) == \
-        {"prompt": "the movie was", "chosen": " good", "rejected": " bad"}
+    pair = json.loads((tmp_path / "out" / "preferences.jsonl").read_text())
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == ("the movie was", " good", " bad")
 
 
 def test_feedback_export_of_a_missing_database_is_a_usage_error(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
     rlhf-ray eval RUN_OR_POLICY [key=value ...] [--config CONFIG] [--prompts PATH] [--reference MODEL]
                   [--judge RM_OR_FUNCTION] [--num-prompts N] [--max-new-tokens T] [--seed S]
-                  [--samples K] [--device DEVICE] [--out DIR]
+                  [--samples K] [--device DEVICE] [--out DIR] [--study DB NAME]
 
 RUN_OR_POLICY is a run folder (`runs/<name>`: its config.yaml and policy/, or the latest checkpoint's
 policy while the run has none yet; for a pipeline that ended with DPO, its dpo/ against the DPO stage's
@@ -14,7 +14,9 @@ else the initial policy `model.policy`; "{run}" in a path stands for the run fol
 win rate is --judge, else the config's reward-model component, else the total reward.
 
 Writes `eval.json`, `report.html` and its plots into --out (default `<run>/eval`, or `./eval` for a
-bare policy). Exit status: 0 done; 1 an input that cannot be evaluated (missing run, prompts, model,
+bare policy). With --study, the results of a blind study people judged on /ui/eval (`rlhf-ray study
+create`) go beside the automatic measures: the human win rate with its 95% Wilson interval, each
+annotator's counts and Cohen's kappa, as "human" in eval.json and a section of report.html. Exit status: 0 done; 1 an input that cannot be evaluated (missing run, prompts, model,
 a malformed data line), printed as one line; 2 a configuration error (by `rlhf_ray.cli.main`).
 """
 
@@ -182,6 +184,7 @@ def run_eval(args):
     from rlhf_ray.pipeline.preflight import SAMPLE_PROMPTS, PreflightReport, check_reward_call, fixed_responses
     from rlhf_ray.rollout.run_sampler import reward_spec, sampling_params
 
+    human = study_results(*args.study) if args.study else None  # a wrong database or name fails first
     target = resolve_target(args.target, args.config, args.overrides)
     config = target.config
     dataset = eval_dataset(config, args.prompts, args.num_prompts)
@@ -216,7 +219,25 @@ def run_eval(args):
             "judge": result.judge, "seed": seed, "sampling": dataclasses.asdict(params),
             "kl_estimator": "k1, on the policy's responses"}
     out_dir = Path(args.out) if args.out else (target.run_dir / "eval" if target.run_dir else Path("eval"))
-    return write_report(result, out_dir, info, metrics=metrics, metrics_note=note, samples=args.samples), result
+    report = write_report(result, out_dir, info, metrics=metrics, metrics_note=note, samples=args.samples, human=human)
+    return report, result, human
+
+
+def study_results(db: str, name: str) -> dict:
+    """A blind study's results from the feedback database, read-only (the server may be writing)."""
+    from rlhf_ray.serve.db import FeedbackError
+    from rlhf_ray.serve.feedback_store import FeedbackStore
+
+    try:
+        store = FeedbackStore(db, readonly=True)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise EvalInputError(f"--study: {err}") from None
+    try:
+        return store.study_results(name)
+    except FeedbackError as err:
+        raise EvalInputError(f"--study: {db}: {err.message}") from None
+    finally:
+        store.close()
 
 
 def print_summary(result) -> None:
@@ -236,11 +257,15 @@ def cmd_eval(args) -> int:
     from rlhf_ray.rewards import RewardError
 
     try:
-        report, result = run_eval(args)
+        report, result, human = run_eval(args)
     except (EvalInputError, DataError, RewardError, ModelNotFoundError, UserError) as error:
         print(f"rlhf-ray eval: {one_line(error)}", file=sys.stderr)
         return EXIT_FAILED
     print_summary(result)
+    if human:
+        from rlhf_ray.evaluation.study import format_results
+
+        print(format_results(human))
     print(f"report: {report}")
     return 0
 
@@ -277,4 +302,7 @@ def add_eval_commands(commands) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for the models (default cpu)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="report folder (default: <run>/eval, or ./eval for a bare policy)")
+    parser.add_argument("--study", nargs=2, default=None, metavar=("DB", "NAME"),
+                        help="add the human win rate of blind study NAME in feedback database DB (rlhf-ray study "
+                             "create; judged on /ui/eval)")
     parser.set_defaults(func=cmd_eval)

@@ -185,8 +185,30 @@ PLOT_CAPTION = ("Training points are the run's per-iteration rollout/reward_mean
                 "and KL.")
 
 
-def render_html(result: EvalResult, info: dict, plots: Sequence[str], notes: Sequence[str], samples: int) -> str:
-    """The report page: run information, summary table, plots (files beside it), sample responses."""
+def human_section(human: dict | None) -> str:
+    """The blind study's results (`FeedbackStore.study_results`) beside the automatic measures."""
+    if not human:
+        return ""
+    models, rate = human["models"], human["win_rate"]
+    head = (f"<h2>Human evaluation</h2>\n<p>Blind study <b>{html.escape(human['study'])}</b>: "
+            f"{html.escape(str(models.get('a', 'a')))} (a) against {html.escape(str(models.get('b', 'b')))} (b), "
+            f"{human['labels']} judgements of {human['items']} items"
+            + ("" if human["complete"] else " (not complete)") + ".</p>\n")
+    if rate is None:
+        return head + "<p>No judgements yet.</p>\n"
+    rows = [("human win rate of a (ties count 1/2)", f"{rate['rate']:.1%}"),
+            ("95% Wilson interval", f"{rate['low']:.1%} to {rate['high']:.1%}"),
+            ("wins / losses / ties", f"{rate['wins']} / {rate['losses']} / {rate['ties']}")]
+    rows += [(f"annotator {name}", f"{c['win']} / {c['loss']} / {c['tie']}") for name, c in human["per_annotator"].items()]
+    rows += [(f"Cohen's kappa, {' & '.join(g['annotators'])} ({g['items']} shared items)",
+              "undefined" if g["kappa"] is None else f"{g['kappa']:.3f}") for g in human["agreement"]]
+    return head + _table(["", ""], rows, "summary") + "\n"
+
+
+def render_html(result: EvalResult, info: dict, plots: Sequence[str], notes: Sequence[str], samples: int,
+                human: dict | None = None) -> str:
+    """The report page: run information, summary table, the human study if any, plots (files beside it),
+    sample responses."""
     details = "".join(f"<li><b>{html.escape(str(key))}</b>: {html.escape(_info_text(value))}</li>"
                       for key, value in info.items())
     images = "".join(f'<img src="{html.escape(name)}" alt="{html.escape(name)}">' for name in plots)
@@ -196,6 +218,7 @@ def render_html(result: EvalResult, info: dict, plots: Sequence[str], notes: Seq
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n<ul>{details}</ul>\n"
             f"<h2>Summary</h2>\n{_table(['', 'policy', 'reference'], summary_rows(result), 'summary')}\n"
+            f"{human_section(human)}"
             f"<h2>Plots</h2>\n{remarks}{images}\n{caption}"
             f"<h2>Sample responses</h2>\n<p>The first {min(samples, len(result.samples))} of "
             f"{len(result.samples)} held-out prompts; all are in eval.json.</p>\n"
@@ -203,7 +226,7 @@ def render_html(result: EvalResult, info: dict, plots: Sequence[str], notes: Seq
 
 
 def _write_folder(folder: Path, result: EvalResult, info: dict, metrics: Sequence[dict] | None,
-                  metrics_note: str | None, samples: int) -> None:
+                  metrics_note: str | None, samples: int, human: dict | None) -> None:
     plots, notes = [], []
     if metrics:
         plot_reward_kl_over_iterations(metrics, folder / REWARD_KL_PLOT)
@@ -214,24 +237,26 @@ def _write_folder(folder: Path, result: EvalResult, info: dict, metrics: Sequenc
                                      "plots are left out.")
     plot_lengths(result, folder / LENGTH_PLOT)
     plots.append(LENGTH_PLOT)
-    (folder / "eval.json").write_text(json.dumps({"info": info, **result.to_dict()}, indent=2) + "\n")
-    (folder / "report.html").write_text(render_html(result, info, plots, notes, samples))
+    extra = {"human": human} if human else {}
+    (folder / "eval.json").write_text(json.dumps({"info": info, **result.to_dict(), **extra}, indent=2) + "\n")
+    (folder / "report.html").write_text(render_html(result, info, plots, notes, samples, human))
 
 
 def write_report(result: EvalResult, out_dir: str | Path, info: dict, metrics: Sequence[dict] | None = None,
-                 metrics_note: str | None = None, samples: int = 8) -> Path:
+                 metrics_note: str | None = None, samples: int = 8, human: dict | None = None) -> Path:
     """Write eval.json, report.html and the plots into `out_dir` (replacing a previous report); the html path.
 
     `info`: what was evaluated (policy, reference, prompts, seed, ...), shown at the top of the page;
     `metrics`: the run's per-iteration rows for the training plots, None for a bare policy;
-    `metrics_note`: why they are missing, shown instead of the plots.
+    `metrics_note`: why they are missing, shown instead of the plots;
+    `human`: a blind study's results (`FeedbackStore.study_results`), in eval.json as "human" and on the page.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-writing-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the report is an ordinary folder
     try:
-        _write_folder(staging, result, info, metrics, metrics_note, samples)
+        _write_folder(staging, result, info, metrics, metrics_note, samples, human)
         if out_dir.exists():
             # move the old report aside first: a rename cannot replace a non-empty folder
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))

@@ -56,7 +56,7 @@ def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
     {run}/<stage>_feedback/ as `rlhf-ray feedback export` writes it: DPO's preference pairs (ties left out and
     counted), the satisfaction model's ratings (the latest of each answer)."""
     from rlhf_ray.data.config import DatasetConfig
-    from rlhf_ray.serve.feedback_store import export_feedback
+    from rlhf_ray.serve.feedback_export import export_feedback
 
     section = getattr(config, stage)
     db, out = Path(section.feedback_db), Path(config.run_dir) / f"{stage}_feedback"

@@ -35,9 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rlhf_ray.serve.checks import APIError, check_model, generation_rows, validation_message
 from rlhf_ray.serve.config import ServeConfig
 from rlhf_ray.serve.decode_loop import DecodeLoop, GenerationJob
-from rlhf_ray.serve.feedback_store import ChoiceRecord, CompletionRecord, FeedbackError
+from rlhf_ray.serve.feedback_store import STORE_OPS, ChoiceRecord, CompletionRecord, FeedbackError
 from rlhf_ray.serve.guard import GuardMiddleware, error_response
 from rlhf_ray.serve.openapi import document_api
+from rlhf_ray.serve.pages import add_page_routes
 from rlhf_ray.serve.schemas import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatDelta, Completion, CompletionChoice, CompletionRequest, FeedbackAck, FeedbackRequest, Health, ModelCard,
@@ -67,7 +68,8 @@ class Backend(Protocol):
 
     async def record(self, record: CompletionRecord) -> None: ...
 
-    async def add_feedback(self, feedback: FeedbackRequest) -> dict: ...
+    async def call_store(self, op: str, **kwargs):
+        """`FeedbackStore.<op>(**kwargs)` (an op of `STORE_OPS`) in the store's process; FeedbackError."""
 
 
 class LocalBackend:
@@ -93,9 +95,10 @@ class LocalBackend:
     async def record(self, record):
         self.store.record_completions([record])
 
-    async def add_feedback(self, feedback):
-        return self.store.add_feedback(feedback.completion_id, feedback.rating, feedback.choice_index,
-                                       feedback.comment)
+    async def call_store(self, op, **kwargs):
+        if op not in STORE_OPS:
+            raise ValueError(f"{op!r} is not a feedback store operation of {STORE_OPS}")
+        return getattr(self.store, op)(**kwargs)
 
 
 def _sampling_record(body) -> dict:
@@ -208,7 +211,7 @@ def build_api(backend: Backend, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(FeedbackError)
     async def _feedback_error(request: Request, err: FeedbackError):
-        code = "completion_not_found" if err.status == 404 else None
+        code = "completion_not_found" if err.status == 404 and err.param == "completion_id" else None
         return error_response(err.status, err.message, param=err.param, code=code)
 
     @app.exception_handler(RequestValidationError)
@@ -270,6 +273,8 @@ def build_api(backend: Backend, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest) -> FeedbackAck:
-        return FeedbackAck(**await backend.add_feedback(body))
+        return FeedbackAck(**await backend.call_store("add_feedback", **body.model_dump()))
+
+    add_page_routes(app, backend, chat_completions)
 
     return app

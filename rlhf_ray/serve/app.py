@@ -30,7 +30,7 @@ from ray.serve import Application
 from rlhf_ray.serve.api import build_api
 from rlhf_ray.serve.config import ServeConfig
 from rlhf_ray.serve.decode_loop import DecodeLoop, GenerationJob
-from rlhf_ray.serve.feedback_store import FeedbackError, FeedbackStore
+from rlhf_ray.serve.feedback_store import STORE_OPS, FeedbackError, FeedbackStore
 
 APP_NAME = "rlhf-ray"
 
@@ -53,11 +53,13 @@ class FeedbackStoreServer:
         await self._run(self.store.record_completions, records)
         return [None] * len(records)
 
-    async def add_feedback(self, completion_id: str, rating, choice_index, comment) -> dict:
-        """The acknowledgement once committed, or {"error": {status, message, param}}: an exception would
-        reach the caller wrapped in Ray's error types."""
+    async def call(self, op: str, kwargs: dict) -> dict:
+        """{"result": FeedbackStore.<op>(**kwargs)} once committed, or {"error": {status, message, param}}: an
+        exception would reach the caller wrapped in Ray's error types."""
+        if op not in STORE_OPS:
+            raise ValueError(f"{op!r} is not a feedback store operation of {STORE_OPS}")
         try:
-            return await self._run(self.store.add_feedback, completion_id, rating, choice_index, comment)
+            return {"result": await self._run(lambda: getattr(self.store, op)(**kwargs))}
         except FeedbackError as err:
             return {"error": {"status": err.status, "message": err.message, "param": err.param}}
 
@@ -137,12 +139,11 @@ class OpenAIServer:
     async def record(self, record) -> None:
         await self.store.record.remote(record)
 
-    async def add_feedback(self, feedback) -> dict:
-        ack = await self.store.add_feedback.remote(feedback.completion_id, feedback.rating, feedback.choice_index,
-                                                   feedback.comment)
-        if "error" in ack:
-            raise FeedbackError(ack["error"]["status"], ack["error"]["message"], ack["error"]["param"])
-        return ack
+    async def call_store(self, op: str, **kwargs):
+        answer = await self.store.call.remote(op, kwargs)
+        if "error" in answer:
+            raise FeedbackError(answer["error"]["status"], answer["error"]["message"], answer["error"]["param"])
+        return answer["result"]
 
 
 def build_app(config: ServeConfig) -> Application:

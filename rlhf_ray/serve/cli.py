@@ -121,7 +121,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_feedback_export(args) -> int:
-    from rlhf_ray.serve.feedback_store import export_feedback
+    from rlhf_ray.serve.feedback_export import export_feedback
 
     try:
         summary = export_feedback(args.db, args.out)

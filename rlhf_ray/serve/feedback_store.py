@@ -1,32 +1,32 @@
-"""Completions and the human feedback on them, kept in SQLite, and their export for reward-model training.
+"""Completions, the human feedback on them, and the labelling queues of the feedback pages, kept in SQLite.
 
     completions  one row per API response: id, time, model, policy version, endpoint, request parameters
     choices      its choices: prompt (the text the policy saw), response, finish reason
-    feedback     a rating (1..5) of one choice, or a preference (one choice over the others of its prompt),
-                 self-contained: prompt, response, rejected responses, policy version and time are copied in
+    feedback     a rating (1..5) or a like (thumbs up or down) of one choice, or a preference (one choice
+                 over the others of its prompt), self-contained: prompt, response, rejected responses,
+                 policy version and time are copied in; `annotator` names who gave it on the pages
+    annotators, queues, items, labels   the people and queues of the pages (serve/annotation.py)
 
 The database runs in WAL mode with `synchronous=FULL`: a commit is on disk when `add_feedback` returns,
 which is when the server acknowledges. WAL lets `rlhf-ray feedback export` read while the server writes.
 SQLite's WAL needs a local disk (https://www.sqlite.org/wal.html: not over a network filesystem), which
-is why one Serve replica owns the file (see `app.FeedbackStoreServer`).
-
-Export (`export_feedback`): the latest preference per completion becomes one (prompt, chosen, rejected)
-line per rejected choice, the reward-model dataset; the latest rating per choice goes to ratings.jsonl
-and its statistics (overall and per policy version) to rating_stats.json.
+is why one Serve replica owns the file (see `app.FeedbackStoreServer`). A database of schema 1 (before
+likes and annotators) is migrated when a writer opens it. The export is in serve/feedback_export.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from rlhf_ray.serve.annotation import ANNOTATION_SCHEMA, AnnotationStore
+from rlhf_ray.serve.db import FeedbackError, transaction
+
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
     id TEXT PRIMARY KEY,
@@ -45,22 +45,30 @@ CREATE TABLE IF NOT EXISTS choices (
     finish_reason TEXT NOT NULL,
     PRIMARY KEY (completion_id, idx)
 );
+"""
+FEEDBACK_TABLE = """
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     completion_id TEXT NOT NULL REFERENCES completions(id),
-    kind TEXT NOT NULL CHECK (kind IN ('rating', 'preference')),
+    kind TEXT NOT NULL CHECK (kind IN ('rating', 'preference', 'like')),
     choice_index INTEGER NOT NULL,
     rating INTEGER CHECK (rating BETWEEN 1 AND 5),
+    liked INTEGER CHECK (liked IN (0, 1)),
     comment TEXT,
     prompt TEXT NOT NULL,
     response TEXT NOT NULL,
     rejected TEXT NOT NULL,
     policy_version TEXT NOT NULL,
     model TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_by_completion ON feedback (completion_id);
+    created REAL NOT NULL,
+    annotator TEXT
+)
 """
+# what the HTTP ingress may ask of the store's replica
+STORE_OPS = ("add_feedback", "annotator_for_key", "queues", "next_item", "add_label", "annotators", "study_results")
+V1_FEEDBACK_COLUMNS = ("id, completion_id, kind, choice_index, rating, comment, prompt, response, rejected, "
+                       "policy_version, model, created")
+FEEDBACK_INDEX = "CREATE INDEX IF NOT EXISTS feedback_by_completion ON feedback (completion_id);"
 
 
 @dataclass
@@ -83,15 +91,7 @@ class CompletionRecord:
     request: dict = field(default_factory=dict)  # sampling parameters, and the messages of a chat
 
 
-class FeedbackError(Exception):
-    """Feedback that cannot be stored; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-class FeedbackStore:
+class FeedbackStore(AnnotationStore):
     """The SQLite database of one server. Not thread-safe: use it from one thread at a time."""
 
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
@@ -103,6 +103,9 @@ class FeedbackStore:
                                       isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                raise RuntimeError(f"{self.path}: written by an older rlhf-ray (schema 1); start `rlhf-ray serve "
+                                   "--feedback-db` on it once to migrate it")
             if version != SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: not a feedback database of schema version {SCHEMA_VERSION} "
                                    f"(user_version {version})")
@@ -116,17 +119,28 @@ class FeedbackStore:
         self.db.execute("PRAGMA synchronous=FULL")  # the WAL is fsynced at every commit
         self.db.execute("PRAGMA foreign_keys=ON")
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise RuntimeError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
-        self.db.executescript(SCHEMA)
-        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        with transaction(self.db):
+            for statement in (SCHEMA + ANNOTATION_SCHEMA).split(";"):  # executescript would commit
+                if statement.strip():
+                    self.db.execute(statement)
+            if version == 1:  # schema 1: feedback without likes and annotators; the table is rebuilt
+                self.db.execute("ALTER TABLE feedback RENAME TO feedback_v1")
+                self.db.execute(FEEDBACK_TABLE)
+                self.db.execute(f"INSERT INTO feedback ({V1_FEEDBACK_COLUMNS}) SELECT {V1_FEEDBACK_COLUMNS} "
+                                "FROM feedback_v1")
+                self.db.execute("DROP TABLE feedback_v1")
+            self.db.execute(FEEDBACK_TABLE)
+            self.db.execute(FEEDBACK_INDEX)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()
 
     def record_completions(self, records: list[CompletionRecord]) -> None:
         """Store completions (one transaction: one fsync for a whole batch of responses)."""
-        with _transaction(self.db):
+        with transaction(self.db):
             self.db.executemany(
                 "INSERT INTO completions (id, created, model, policy_version, endpoint, request) VALUES (?,?,?,?,?,?)",
                 [(r.id, r.created, r.model, r.policy_version, r.endpoint, json.dumps(r.request)) for r in records])
@@ -135,17 +149,21 @@ class FeedbackStore:
                 "VALUES (?,?,?,?,?,?)",
                 [(r.id, c.index, c.prompt_index, c.prompt, c.response, c.finish_reason)
                  for r in records for c in r.choices])
+            self.enqueue_served(records)  # two choices of a prompt become an item of the served queue
 
     def add_feedback(self, completion_id: str, rating: int | None = None, choice_index: int | None = None,
-                     comment: str | None = None) -> dict:
-        """Store a rating (`rating` of choice `choice_index`, default 0) or, without a rating, a preference
-        for choice `choice_index`; returns the acknowledgement once committed. Raises FeedbackError."""
+                     comment: str | None = None, like: bool | None = None, annotator: str | None = None) -> dict:
+        """Store a rating (`rating` of choice `choice_index`, default 0), a like (`like`: thumbs up or down)
+        or, with neither, a preference for choice `choice_index`; returns the acknowledgement once committed.
+        `annotator`: who gave it on the feedback pages. Raises FeedbackError."""
+        if rating is not None and like is not None:
+            raise FeedbackError(400, "give a rating or a like, not both", "like")
         completion = self.db.execute("SELECT * FROM completions WHERE id = ?", (completion_id,)).fetchone()
         if completion is None:
             raise FeedbackError(404, f"no completion with id {completion_id!r}", "completion_id")
         choices = self.db.execute("SELECT * FROM choices WHERE completion_id = ? ORDER BY idx",
                                   (completion_id,)).fetchall()
-        kind = "rating" if rating is not None else "preference"
+        kind = "rating" if rating is not None else "like" if like is not None else "preference"
         index = 0 if choice_index is None else choice_index
         if index >= len(choices):
             raise FeedbackError(400, f"choice_index {index} out of range: completion {completion_id} has "
@@ -157,18 +175,24 @@ class FeedbackStore:
             raise FeedbackError(400, f"a preference needs several choices of one prompt; completion "
                                      f"{completion_id} has one (ask with n >= 2, or send a rating)", "choice_index")
         created = time.time()
-        with _transaction(self.db):
+        with transaction(self.db):
             cursor = self.db.execute(
-                "INSERT INTO feedback (completion_id, kind, choice_index, rating, comment, prompt, response, "
-                "rejected, policy_version, model, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (completion_id, kind, index, rating, comment, chosen["prompt"], chosen["response"],
-                 json.dumps(rejected), completion["policy_version"], completion["model"], created))
+                "INSERT INTO feedback (completion_id, kind, choice_index, rating, liked, comment, prompt, response, "
+                "rejected, policy_version, model, created, annotator) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (completion_id, kind, index, rating, None if like is None else int(like), comment, chosen["prompt"],
+                 chosen["response"], json.dumps(rejected), completion["policy_version"], completion["model"],
+                 created, annotator))
         return {"id": cursor.lastrowid, "completion_id": completion_id, "kind": kind, "created": int(created)}
 
     def feedback_records(self) -> list[dict]:
         """Every feedback row, oldest first, `rejected` as a list."""
         rows = self.db.execute("SELECT * FROM feedback ORDER BY id").fetchall()
         return [{**dict(row), "rejected": json.loads(row["rejected"])} for row in rows]
+
+    def completions(self) -> list[dict]:
+        """Every completion's row (not its choices), `request` parsed."""
+        rows = self.db.execute("SELECT * FROM completions ORDER BY created").fetchall()
+        return [{**dict(row), "request": json.loads(row["request"])} for row in rows]
 
     def completion(self, completion_id: str) -> dict | None:
         row = self.db.execute("SELECT * FROM completions WHERE id = ?", (completion_id,)).fetchone()
@@ -177,110 +201,3 @@ class FeedbackStore:
         choices = self.db.execute("SELECT * FROM choices WHERE completion_id = ? ORDER BY idx",
                                   (completion_id,)).fetchall()
         return {**dict(row), "request": json.loads(row["request"]), "choices": [dict(c) for c in choices]}
-
-
-class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
-
-
-# Export
-
-
-def latest(records: list[dict], key) -> list[dict]:
-    """The last record of each key, in the order of those last records (later feedback supersedes)."""
-    by_key = {}
-    for record in records:
-        by_key.pop(key(record), None)
-        by_key[key(record)] = record
-    return list(by_key.values())
-
-
-def preference_pairs(records: list[dict]) -> tuple[list[dict], int]:
-    """One {prompt, chosen, rejected} per rejected choice of the latest preference of each completion, and
-    how many pairs of identical texts (ties: no preference) were left out."""
-    preferences = latest([r for r in records if r["kind"] == "preference"], key=lambda r: r["completion_id"])
-    candidates = [(r, rejected) for r in preferences for rejected in r["rejected"]]
-    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": rejected}
-             for r, rejected in candidates if rejected != r["response"]]
-    return pairs, len(candidates) - len(pairs)
-
-
-def ratings(records: list[dict]) -> list[dict]:
-    """The latest rating of each choice."""
-    rated = latest([r for r in records if r["kind"] == "rating"],
-                   key=lambda r: (r["completion_id"], r["choice_index"]))
-    return [{"prompt": r["prompt"], "response": r["response"], "rating": r["rating"], "comment": r["comment"],
-             "policy_version": r["policy_version"], "completion_id": r["completion_id"], "created": r["created"]}
-            for r in rated]
-
-
-def rating_summary(values: list[int]) -> dict:
-    """count, mean, std, the 1..5 histogram, and the mean mapped to [-1, 1] ((mean - 3) / 2) as a score."""
-    count = len(values)
-    mean = sum(values) / count if count else None
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / count) if count else None
-    histogram = Counter(values)
-    return {"count": count, "mean": mean, "std": std,
-            "histogram": {str(k): histogram.get(k, 0) for k in range(1, 6)},
-            "score": (mean - 3) / 2 if count else None}
-
-
-def rating_stats(rated: list[dict]) -> dict:
-    by_version = defaultdict(list)
-    for r in rated:
-        by_version[r["policy_version"]].append(r["rating"])
-    return {**rating_summary([r["rating"] for r in rated]),
-            "by_policy_version": {v: rating_summary(values) for v, values in sorted(by_version.items())}}
-
-
-@dataclass
-class ExportSummary:
-    preferences: Path
-    ratings: Path
-    stats: Path
-    pairs: int
-    rated: int
-    feedback_records: int
-    ties_skipped: int = 0  # pairs of identical texts, left out of preferences.jsonl
-
-    def as_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def export_feedback(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> ExportSummary:
-    """Write preferences.jsonl, ratings.jsonl and rating_stats.json of the database into `out_dir`."""
-    db_path, out_dir = Path(db_path), Path(out_dir)
-    store = FeedbackStore(db_path, readonly=True)
-    try:
-        records = store.feedback_records()
-    finally:
-        store.close()
-    (pairs, ties), rated = preference_pairs(records), ratings(records)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = ExportSummary(out_dir / "preferences.jsonl", out_dir / "ratings.jsonl", out_dir / "rating_stats.json",
-                            pairs=len(pairs), rated=len(rated), feedback_records=len(records),
-                            ties_skipped=ties)
-    _write_atomically(summary.preferences, _jsonl(pairs))
-    _write_atomically(summary.ratings, _jsonl(rated))
-    _write_atomically(summary.stats, json.dumps(rating_stats(rated), indent=2) + "\n")
-    return summary

@@ -14,6 +14,13 @@ from fastapi.responses import JSONResponse
 logger = logging.getLogger("rlhf_ray.serve")
 
 PUBLIC_PATHS = frozenset({"/health"})
+# the feedback pages and their routes check annotator keys themselves (serve/pages), all but the admin view's
+PAGE_PREFIX, ADMIN_PREFIX = "/ui", "/ui/api/admin"
+
+
+def _public(path: str) -> bool:
+    pages = path == PAGE_PREFIX or path.startswith(PAGE_PREFIX + "/")
+    return path in PUBLIC_PATHS or (pages and not path.startswith(ADMIN_PREFIX))
 
 
 def _printable(text: str | None) -> str | None:
@@ -99,7 +106,7 @@ class GuardMiddleware:
                 await error_response(500, "internal error", "server_error")(scope, receive, send)
 
     def _authenticate(self, scope):
-        if not self.api_key or _route_path(scope) in PUBLIC_PATHS:
+        if not self.api_key or _public(_route_path(scope)):
             return None
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"").decode("latin-1")

@@ -78,8 +78,11 @@ def _document_bounds(schemas: dict, config: ServeConfig, model_name: str, contex
     schemas["ChatCompletionRequest"]["not"] = {  # one name of the token limit, not both
         "required": ["max_tokens", "max_completion_tokens"],
         "properties": {"max_tokens": integer, "max_completion_tokens": integer}}
-    schemas["FeedbackRequest"]["anyOf"] = [  # a rating, or a preferred choice
-        {"required": [name], "properties": {name: integer}} for name in ("rating", "choice_index")]
+    schemas["FeedbackRequest"]["anyOf"] = [  # a rating, a like, or a preferred choice
+        *({"required": [name], "properties": {name: integer}} for name in ("rating", "choice_index")),
+        {"required": ["like"], "properties": {"like": {"type": "boolean"}}}]
+    schemas["FeedbackRequest"]["not"] = {"required": ["rating", "like"],  # not both
+                                         "properties": {"rating": integer, "like": {"type": "boolean"}}}
     prompt = schemas["CompletionRequest"]["properties"]["prompt"]
     _limit(prompt, string={"minLength": 1},  # "" has no tokens (400); so may others, such as " "
            array={"maxItems": config.max_choices, "items": {"type": "string", "minLength": 1}})

@@ -124,19 +124,41 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class FeedbackRequest(_Request):
-    """A rating of one choice (`rating`, 1..5) or a preference (`choice_index` alone: that choice is
-    preferred over the other choices of the same prompt)."""
+    """A rating of one choice (`rating`, 1..5), a like of it (`like`: thumbs up true, down false), or a
+    preference (`choice_index` alone: that choice is preferred over the other choices of the same prompt)."""
 
     completion_id: str = Field(min_length=1, max_length=128)
     rating: int | None = Field(None, ge=1, le=5)
+    like: bool | None = None
     choice_index: int | None = Field(None, ge=0)
     comment: str | None = Field(None, max_length=4096)
 
     @model_validator(mode="after")
     def _rating_or_preference(self) -> "FeedbackRequest":
-        if self.rating is None and self.choice_index is None:
-            raise ValueError("give a rating (1..5) or a choice_index (the preferred choice)")
+        if self.rating is not None and self.like is not None:
+            raise ValueError("give a rating or a like, not both")
+        if self.rating is None and self.like is None and self.choice_index is None:
+            raise ValueError("give a rating (1..5), a like (true or false) or a choice_index (the preferred choice)")
         return self
+
+
+class LabelRequest(_Request):
+    """One annotator's judgement of one item of a queue: which answer is better and/or a rating of each."""
+
+    queue: str = Field(min_length=1, max_length=64)
+    item_id: int = Field(ge=0)
+    choice: Literal["A", "B", "tie"] | None = None
+    rating_a: int | None = Field(None, ge=1, le=5)
+    rating_b: int | None = Field(None, ge=1, le=5)
+    comment: str | None = Field(None, max_length=4096)
+
+
+class PageChatRequest(_Request):
+    """A turn of the chat page: the conversation so far; the server samples the policy's answer."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
 
 
 # Responses
@@ -226,7 +248,7 @@ class FeedbackAck(BaseModel):
     id: int
     object: Literal["feedback"] = "feedback"
     completion_id: str
-    kind: Literal["rating", "preference"]
+    kind: Literal["rating", "preference", "like"]
     created: int
 
 
