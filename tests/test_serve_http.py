@@ -364,15 +364,22 @@ def test_serve_feedback_export_writes_the_preference_dataset(server, tmp_path):
             "model": MODEL, "n": 3, "max_tokens": 6, "seed": 11,
             "messages": [{"role": "user", "content": "the weather today"}]}).json()
         post_feedback(client, completion_id=body["id"], choice_index=1)
+        post_feedback(client, completion_id=body["id"], choice_index=2, rating=4)
     texts = [choice["message"]["content"] for choice in body["choices"]]
 
     assert main(["feedback", "export", server.config.feedback_db, "--out", str(tmp_path)]) == 0
     pairs = [json.loads(line) for line in (tmp_path / "preferences.jsonl").read_text().splitlines()]
-    assert all(set(pair) == {"prompt", "chosen", "rejected"} for pair in pairs)
     ours = [pair for pair in pairs if pair["prompt"] == "user: the weather today\nassistant:"]
     assert [(p["chosen"], p["rejected"]) for p in ours] == [(texts[1], texts[0]), (texts[1], texts[2])]
+    for pair in ours:  # each pair traces back to the completion it judged and how it was sampled
+        assert (pair["source"], pair["annotator"], pair["completion_id"]) == ("api", None, body["id"])
+        assert pair["policy_version"] == body["system_fingerprint"] and pair["model"] == MODEL
+        assert (pair["sampling"]["n"], pair["sampling"]["max_tokens"], pair["sampling"]["seed"]) == (3, 6, 11)
+    ratings = [json.loads(line) for line in (tmp_path / "ratings.jsonl").read_text().splitlines()]
+    [rated] = [r for r in ratings if r.get("completion_id") == body["id"]]
+    assert (rated["response"], rated["rating"], rated["source"]) == (texts[2], 4, "api")
     stats = json.loads((tmp_path / "rating_stats.json").read_text())
-    assert stats["count"] >= 4 and 1 <= stats["mean"] <= 5
+    assert stats["count"] == len(ratings) and 1 <= stats["mean"] <= 5
 
 
 def test_feedback_trains_the_next_reward_model(server, tmp_path):
