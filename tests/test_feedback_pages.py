@@ -276,3 +276,23 @@ def test_eval_puts_the_human_win_rate_beside_the_automatic_measures(tmp_path, ca
     assert human["win_rate"]["rate"] == pytest.approx(0.675) and human["agreement"][0]["kappa"] == pytest.approx(9 / 14)
     page = (out / "report.html").read_text()
     assert "Human evaluation" in page and "67.5%" in page and "0.643" in page
+
+
+def test_the_reward_and_satisfaction_stages_train_on_what_people_gave(store, tmp_path):
+    """`reward_model.feedback_db` and `satisfaction_model.feedback_db`: the pages' A/B labels become H's pairs,
+    their ratings and the chat's likes S's targets (exported as `rlhf-ray feedback export` writes them)."""
+    from rlhf_ray.config import RunConfig
+    from rlhf_ray.pipeline.stages import export_stage_feedback
+
+    store.record_completions([completion("c1", [" good", " bad"]), completion("c2", [" fine"])])
+    store.add_annotator("alice")
+    item = store.next_item("served", "alice")["item"]
+    store.add_label("served", item["id"], "alice", choice="A", rating_b=1)
+    store.add_feedback("c2", like=False, annotator="alice")
+    config = RunConfig.model_validate({"name": "fb", "output_dir": str(tmp_path), **{
+        stage: {"base": "rlhf-ray/tiny-gpt2", "feedback_db": str(store.path)}
+        for stage in ("reward_model", "satisfaction_model")}})
+    h = export_stage_feedback(config, "reward_model").reward_model
+    assert [(r.chosen, r.rejected) for r in h.data.load_preferences()] == [(" good", " bad")]
+    s = export_stage_feedback(config, "satisfaction_model").satisfaction_model
+    assert sorted((r.response, r.satisfaction) for r in s.data.load_ratings()) == [(" bad", 0.0), (" fine", 0.0)]

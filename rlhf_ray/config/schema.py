@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from rlhf_ray.config.section import _Section
-from rlhf_ray.config.stages import DPOStageConfig, SatisfactionStageConfig, StageConfig
+from rlhf_ray.config.stages import DPOStageConfig, FeedbackStageConfig, SatisfactionStageConfig, StageConfig
 from rlhf_ray.data.config import DatasetConfig
 
 
@@ -299,7 +299,7 @@ class RunConfig(_Section):
     learner: LearnerConfig = LearnerConfig()
     train: TrainConfig = TrainConfig()
     sft: StageConfig | None = None  # `rlhf-ray pipeline`: supervised fine-tuning, written to {run}/sft
-    reward_model: StageConfig | None = None  # `rlhf-ray pipeline`: Bradley-Terry RM, written to {run}/reward_model
+    reward_model: FeedbackStageConfig | None = None  # `rlhf-ray pipeline`: Bradley-Terry RM, written to {run}/reward_model
     # `rlhf-ray pipeline`: the user-satisfaction model S on ratings and likes, written to {run}/satisfaction_model
     satisfaction_model: SatisfactionStageConfig | None = None
     dpo: DPOStageConfig | None = None  # `rlhf-ray pipeline`: DPO / IPO / SimPO on pairs, written to {run}/dpo

@@ -54,7 +54,8 @@ def check_wiring(config: RunConfig) -> None:
 def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
     """`config` with `<stage>.data` what it trains on, exported from `<stage>.feedback_db` into
     {run}/<stage>_feedback/ as `rlhf-ray feedback export` writes it: DPO's preference pairs (ties left out and
-    counted), the satisfaction model's ratings (the latest of each answer)."""
+    counted) for DPO and the reward model, the satisfaction model's ratings and likes (the latest of each answer
+    and person, and the labelling pages' ratings)."""
     from rlhf_ray.data.config import DatasetConfig
     from rlhf_ray.serve.feedback_export import export_feedback
 
@@ -66,7 +67,7 @@ def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
         summary = export_feedback(db, out)
     except Exception as err:  # not a feedback database, or a broken one
         raise StageError(f"{stage}.feedback_db: {db}: {err}") from err
-    if stage == "dpo":
+    if stage in ("dpo", "reward_model"):
         path, count, what = summary.preferences, summary.pairs, "preference pairs"
         note = f", {summary.ties_skipped} ties left out"
     else:
@@ -100,7 +101,7 @@ def run_pipeline(config: RunConfig, address: str | None = None, progress: bool =
     if "ppo" in stages and config.dpo is not None and config.model.policy.rstrip("/") != "{run}/dpo":
         print("[pipeline] ppo: not run (the config has a dpo stage, and model.policy is not \"{run}/dpo\")")
         stages = tuple(stage for stage in stages if stage != "ppo")
-    for stage in ("satisfaction_model", "dpo"):
+    for stage in ("reward_model", "satisfaction_model", "dpo"):
         section = getattr(config, stage)
         if stage in stages and section is not None and section.feedback_db \
                 and not stage_complete(Path(config.run_dir) / stage):
