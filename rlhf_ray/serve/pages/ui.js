@@ -47,7 +47,7 @@ function setUpKeyForm(start) {
     event.preventDefault();
     localStorage.setItem(KEY, $("#key").value.trim());
     const me = await signIn();
-    if (me) { say(""); start(me); }
+    if (me) { document.activeElement.blur(); say(""); start(me); }
   });
   $("#sign-out").addEventListener("click", () => { localStorage.removeItem(KEY); location.reload(); });
 }
