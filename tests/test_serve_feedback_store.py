@@ -145,6 +145,24 @@ def test_feedback_export_command(store, tmp_path, capsys):
     assert (pair["prompt"], pair["chosen"], pair["rejected"]) == ("the movie was", " good", " bad")
 
 
+def test_export_leaves_out_empty_answers_and_says_so(store, tmp_path, capsys):
+    """A policy that ends at once gives an empty answer; a person may prefer the other or rate it, but the
+    stages train on text (a blank field is a data error), so the export leaves such records out and counts them."""
+    store.record_completions([completion("c1", [" good", ""]), completion("c2", [" fine", " ok"])])
+    store.add_feedback("c1", choice_index=0)  # " good" over "": left out
+    store.add_feedback("c1", rating=1, choice_index=1)  # a rating of "": left out
+    store.add_feedback("c2", choice_index=1)
+    store.add_feedback("c2", rating=4, choice_index=1)
+    assert main(["feedback", "export", str(store.path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "4 feedback records and 0 labels -> 1 preference pairs" in out
+    assert out.splitlines()[0].endswith("left out: 2 with an empty answer")
+    pairs = [json.loads(line) for line in (tmp_path / "out" / "preferences.jsonl").read_text().splitlines()]
+    ratings = [json.loads(line) for line in (tmp_path / "out" / "ratings.jsonl").read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(" ok", " fine")]
+    assert [(r["response"], r["rating"]) for r in ratings] == [(" ok", 4)]
+
+
 def test_feedback_export_of_a_missing_database_is_a_usage_error(tmp_path, capsys):
     assert main(["feedback", "export", str(tmp_path / "missing.db"), "--out", str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err

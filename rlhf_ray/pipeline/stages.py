@@ -69,13 +69,12 @@ def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
         raise StageError(f"{stage}.feedback_db: {db}: {err}") from err
     if stage in ("dpo", "reward_model"):
         path, count, what = summary.preferences, summary.pairs, "preference pairs"
-        note = f", {summary.ties_skipped} ties left out"
     else:
-        path, count, what, note = summary.ratings, summary.rated, "rated answers", ""
-    print(f"[pipeline] {stage}: {summary.feedback_records} feedback records in {db} -> {count} {what}{note} in {path}")
+        path, count, what = summary.ratings, summary.rated, "rated answers"
+    found = f"{summary.feedback_records} feedback records and {summary.labels} labels"
+    print(f"[pipeline] {stage}: {found} in {db} -> {count} {what} in {path}{summary.left_out()}")
     if count == 0:
-        raise StageError(f"{stage}.feedback_db: {db} holds no {what} to train on "
-                         f"({summary.feedback_records} feedback records{note})")
+        raise StageError(f"{stage}.feedback_db: {db} holds no {what} to train on ({found}{summary.left_out()})")
     # the stage's ranks read the exported file (a config names one source: the database is done with)
     updated = section.model_copy(update={"data": DatasetConfig(path=str(path)), "feedback_db": None})
     return RunConfig.model_validate({**config.model_dump(), stage: updated.model_dump()})

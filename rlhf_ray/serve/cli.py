@@ -129,8 +129,8 @@ def cmd_feedback_export(args) -> int:
         print(f"rlhf-ray feedback export: {args.db}: {err}", file=sys.stderr)
         return EXIT_USAGE
     stats = json.loads(summary.stats.read_text())
-    print(f"{summary.feedback_records} feedback records -> {summary.pairs} preference pairs ({summary.preferences}; "
-          f"{summary.ties_skipped} ties left out), {summary.rated} ratings ({summary.ratings})")
+    print(f"{summary.feedback_records} feedback records and {summary.labels} labels -> {summary.pairs} preference "
+          f"pairs ({summary.preferences}), {summary.rated} ratings and likes ({summary.ratings}){summary.left_out()}")
     if stats["count"]:
         print(f"ratings: mean {stats['mean']:.2f} (std {stats['std']:.2f}, score {stats['score']:+.2f}), "
               f"histogram {stats['histogram']}  ({summary.stats})")

@@ -3,7 +3,7 @@ where each record came from.
 
     preferences.jsonl   {prompt, chosen, rejected} for the reward model and DPO: the latest preference per
                         completion and person from the API, and every A/B label of the labelling pages
-                        (ties are left out and counted)
+                        (ties, and pairs with an empty answer, are left out and counted)
     ratings.jsonl       {prompt, response, rating 1..5 | like true/false} for the satisfaction model: the
                         latest rating and like per answer and person, and the pages' ratings of A and B
     rating_stats.json   the 1..5 ratings' statistics, overall and per policy version, and the likes
@@ -150,6 +150,14 @@ class ExportSummary:
     feedback_records: int
     labels: int = 0  # judgements given on the labelling and evaluation pages
     ties_skipped: int = 0  # pairs of identical texts and "tie" labels, left out of preferences.jsonl
+    # pairs and ratings of an empty answer (the policy ended at once), left out: the stages' data need text
+    empty_skipped: int = 0
+
+    def left_out(self) -> str:
+        """What the export left out, for one line of output ('' when nothing)."""
+        parts = [f"{self.ties_skipped} ties"] if self.ties_skipped else []
+        parts += [f"{self.empty_skipped} with an empty answer"] if self.empty_skipped else []
+        return f"; left out: {', '.join(parts)}" if parts else ""
 
     def as_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -166,10 +174,14 @@ def export_feedback(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> E
     finally:
         store.close()
     (pairs, ties), rated = preference_pairs(records, labels, completions), ratings(records, labels, completions)
+    texts = len(pairs) + len(rated)
+    pairs = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
+    rated = [r for r in rated if r["response"].strip()]
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(out_dir / "preferences.jsonl", out_dir / "ratings.jsonl", out_dir / "rating_stats.json",
                             out_dir / "studies.json", out_dir / "study_labels.jsonl", pairs=len(pairs),
-                            rated=len(rated), feedback_records=len(records), labels=len(labels), ties_skipped=ties)
+                            rated=len(rated), feedback_records=len(records), labels=len(labels), ties_skipped=ties,
+                            empty_skipped=texts - len(pairs) - len(rated))
     write_atomically(summary.preferences, jsonl(pairs))
     write_atomically(summary.ratings, jsonl(rated))
     write_atomically(summary.stats, json.dumps(rating_stats(rated), indent=2) + "\n")
