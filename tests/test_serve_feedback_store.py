@@ -156,7 +156,7 @@ def test_export_leaves_out_empty_answers_and_says_so(store, tmp_path, capsys):
     assert main(["feedback", "export", str(store.path), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "4 feedback records and 0 labels -> 1 preference pairs" in out
-    assert out.splitlines()[0].endswith("left out: 2 with an empty answer")
+    assert out.splitlines()[0].endswith("left out: 1 pairs with an empty answer, 1 ratings of an empty answer")
     pairs = [json.loads(line) for line in (tmp_path / "out" / "preferences.jsonl").read_text().splitlines()]
     ratings = [json.loads(line) for line in (tmp_path / "out" / "ratings.jsonl").read_text().splitlines()]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(" ok", " fine")]

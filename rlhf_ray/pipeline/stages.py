@@ -68,13 +68,13 @@ def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
     except Exception as err:  # not a feedback database, or a broken one
         raise StageError(f"{stage}.feedback_db: {db}: {err}") from err
     if stage in ("dpo", "reward_model"):
-        path, count, what = summary.preferences, summary.pairs, "preference pairs"
+        path, count, what, of = summary.preferences, summary.pairs, "preference pairs", "pairs"
     else:
-        path, count, what = summary.ratings, summary.rated, "rated answers"
+        path, count, what, of = summary.ratings, summary.rated, "rated answers", "ratings"
     found = f"{summary.feedback_records} feedback records and {summary.labels} labels"
-    print(f"[pipeline] {stage}: {found} in {db} -> {count} {what} in {path}{summary.left_out()}")
+    print(f"[pipeline] {stage}: {found} in {db} -> {count} {what} in {path}{summary.left_out(of)}")
     if count == 0:
-        raise StageError(f"{stage}.feedback_db: {db} holds no {what} to train on ({found}{summary.left_out()})")
+        raise StageError(f"{stage}.feedback_db: {db} holds no {what} to train on ({found}{summary.left_out(of)})")
     # the stage's ranks read the exported file (a config names one source: the database is done with)
     updated = section.model_copy(update={"data": DatasetConfig(path=str(path)), "feedback_db": None})
     return RunConfig.model_validate({**config.model_dump(), stage: updated.model_dump()})

@@ -151,12 +151,15 @@ class ExportSummary:
     labels: int = 0  # judgements given on the labelling and evaluation pages
     ties_skipped: int = 0  # pairs of identical texts and "tie" labels, left out of preferences.jsonl
     # pairs and ratings of an empty answer (the policy ended at once), left out: the stages' data need text
-    empty_skipped: int = 0
+    empty_pairs: int = 0
+    empty_ratings: int = 0
 
-    def left_out(self) -> str:
-        """What the export left out, for one line of output ('' when nothing)."""
-        parts = [f"{self.ties_skipped} ties"] if self.ties_skipped else []
-        parts += [f"{self.empty_skipped} with an empty answer"] if self.empty_skipped else []
+    def left_out(self, of: str = "all") -> str:
+        """What the export left out of the pairs, the ratings or "all", for one line ('' when nothing)."""
+        counts = {"ties": self.ties_skipped if of != "ratings" else 0,
+                  "pairs with an empty answer": self.empty_pairs if of != "ratings" else 0,
+                  "ratings of an empty answer": self.empty_ratings if of != "pairs" else 0}
+        parts = [f"{count} {what}" for what, count in counts.items() if count]
         return f"; left out: {', '.join(parts)}" if parts else ""
 
     def as_dict(self) -> dict:
@@ -174,14 +177,14 @@ def export_feedback(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> E
     finally:
         store.close()
     (pairs, ties), rated = preference_pairs(records, labels, completions), ratings(records, labels, completions)
-    texts = len(pairs) + len(rated)
+    texts = len(pairs), len(rated)
     pairs = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip()]
     rated = [r for r in rated if r["response"].strip()]
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(out_dir / "preferences.jsonl", out_dir / "ratings.jsonl", out_dir / "rating_stats.json",
                             out_dir / "studies.json", out_dir / "study_labels.jsonl", pairs=len(pairs),
                             rated=len(rated), feedback_records=len(records), labels=len(labels), ties_skipped=ties,
-                            empty_skipped=texts - len(pairs) - len(rated))
+                            empty_pairs=texts[0] - len(pairs), empty_ratings=texts[1] - len(rated))
     write_atomically(summary.preferences, jsonl(pairs))
     write_atomically(summary.ratings, jsonl(rated))
     write_atomically(summary.stats, json.dumps(rating_stats(rated), indent=2) + "\n")
