@@ -196,7 +196,7 @@ def test_a_visit_labels_chats_and_runs_a_blind_study(site, browser):
     browser.refresh()
     assert current_item(browser) is None  # after a reload too
 
-    # chat: ask, thumbs up, rate 4
+    # chat: ask, like the answer, rate it 4
     browser.get(f"{base}/ui/chat")
     wait(browser, lambda d: shown(d, "work"), "the chat page (the key is remembered)")
     browser.find_element(By.ID, "chat-input").send_keys("the movie was")

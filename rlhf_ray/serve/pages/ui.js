@@ -140,7 +140,7 @@ function addTurn(role, text, completionId) {
     const rate = document.createElement("div");
     rate.className = "rate";
     rate.dataset.completionId = completionId;
-    rate.innerHTML = '<button class="like-up" title="good answer">👍</button> <button class="like-down" title="bad answer">👎</button> ' +
+    rate.innerHTML = '<button class="like-up" title="a good answer">Like</button> <button class="like-down" title="a bad answer">Dislike</button> ' +
       '<select class="rating"><option value="">rate 1–5</option><option>1</option><option>2</option><option>3</option>' +
       '<option>4</option><option>5</option></select> <span class="status muted"></span>';
     rate.querySelector(".like-up").onclick = () => sendFeedback(rate, { like: true });
@@ -180,9 +180,11 @@ async function sendChat(event) {
 }
 
 // --- admin: queues, progress, study results (the API key) -----------------------------------------
+const esc = (v) => String(v ?? "–").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+
 function table(header, rows) {
-  const head = `<tr>${header.map((h) => `<th>${h}</th>`).join("")}</tr>`;
-  const cell = (v) => `<td>${String(v ?? "–").replace(/[&<>]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;" }[c]))}</td>`;
+  const head = `<tr>${header.map((h) => `<th>${esc(h)}</th>`).join("")}</tr>`;
+  const cell = (v) => `<td>${esc(v)}</td>`;
   return `<table>${head}${rows.map((r) => `<tr>${r.map(cell).join("")}</tr>`).join("")}</table>`;
 }
 
@@ -203,8 +205,9 @@ async function loadAdmin(event) {
         `${w.wins} wins, ${w.losses} losses, ${w.ties} ties` : "no labels yet";
       const kappa = s.agreement.map((g) => [g.annotators.join(" & "), g.items, g.agreed,
         g.kappa === null ? "undefined" : g.kappa.toFixed(3)]);
-      return `<h3>${s.study}: ${models}</h3><p class="study-summary">${summary}</p>` +
-        table(["annotator", "wins", "losses", "ties"], Object.entries(s.per_annotator).map(([n, c]) => [n, c.win, c.loss, c.tie])) +
+      const counts = Object.entries(s.per_annotator).map(([n, c]) => [n, c.win, c.loss, c.tie]);
+      return `<h3>${esc(s.study)}: ${esc(models)}</h3><p class="study-summary">${esc(summary)}</p>` +
+        (counts.length ? table(["annotator", "wins", "losses", "ties"], counts) : "") +
         (kappa.length ? table(["annotators", "shared items", "agreed", "Cohen's kappa"], kappa) : "");
     }).join("") || "<p class='muted'>No study yet.</p>";
     say(`Loaded at ${new Date().toLocaleTimeString()}.`, "ok");
