@@ -55,15 +55,20 @@ def study(store, items=20, labels_per_item=2):
                                        [f"beta {i}" for i in range(items)], seed=3))
 
 
-def test_study_results_match_the_hand_worked_numbers(store):
-    study(store)
+def judge_by_script(store) -> None:
+    """Alice and Bob judge every item of study "blind" as their scripts say (the side each outcome favours)."""
     for name, outcomes in (("alice", ALICE), ("bob", BOB)):
         store.add_annotator(name)
         for outcome in outcomes:
             item = store.next_item("blind", name)["item"]
             first = "a" if item["response_a"].startswith("alpha") else "b"
-            store.add_label("blind", item["id"], name, choice=choice_for(outcome, first))
-        assert store.next_item("blind", name)["item"] is None  # nothing shown twice
+            store.add_label("blind", item["id"], name, choice=choice_for(outcome, first))  # 409 if shown twice
+
+
+def test_study_results_match_the_hand_worked_numbers(store):
+    study(store)
+    judge_by_script(store)
+    assert store.next_item("blind", "alice")["item"] is None and store.next_item("blind", "bob")["item"] is None
     results = store.study_results("blind")
     rate = results["win_rate"]
     assert rate["rate"] == pytest.approx(EXPECTED["rate"])
@@ -256,12 +261,7 @@ def test_eval_puts_the_human_win_rate_beside_the_automatic_measures(tmp_path, ca
 
     store = FeedbackStore(tmp_path / "f.db")
     study(store)
-    for name, outcomes in (("alice", ALICE), ("bob", BOB)):
-        store.add_annotator(name)
-        for outcome in outcomes:
-            item = store.next_item("blind", name)["item"]
-            first = "a" if item["response_a"].startswith("alpha") else "b"
-            store.add_label("blind", item["id"], name, choice=choice_for(outcome, first))
+    judge_by_script(store)
     store.close()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "the movie was"}\n{"prompt": "my day was"}\n')

@@ -24,9 +24,12 @@ EXIT_FAILED = 1
 
 
 def _store(db: str):
+    """The feedback database, opened for writing, as a context that closes it."""
+    from contextlib import closing
+
     from rlhf_ray.serve.feedback_store import FeedbackStore
 
-    return FeedbackStore(db)
+    return closing(FeedbackStore(db))
 
 
 def _run(command: str, action) -> int:
@@ -47,24 +50,20 @@ def _run(command: str, action) -> int:
 
 def cmd_annotators(args) -> int:
     def act():
-        store = _store(args.db)
-        try:
+        with _store(args.db) as store:
             if args.action == "add":
                 key = store.add_annotator(args.name)
                 print(f"annotator {args.name} added to {args.db}; their key (shown once, keep it secret):\n{key}")
             else:
                 for row in store.annotators():
                     print(f"{row['name']}\t{row['labels']} labels")
-        finally:
-            store.close()
 
     return _run(f"annotators {args.action}", act)
 
 
 def cmd_queue(args) -> int:
     def act():
-        store = _store(args.db)
-        try:
+        with _store(args.db) as store:
             if args.action == "add":
                 from rlhf_ray.labeling import read_pairs
 
@@ -78,8 +77,6 @@ def cmd_queue(args) -> int:
             else:
                 for q in store.queues():
                     print(f"{q['name']}\t{q['source']}\t{q['done']}/{q['items']} items complete\t{q['labels']} labels")
-        finally:
-            store.close()
 
     return _run(f"queue {args.action}", act)
 
@@ -89,11 +86,8 @@ def cmd_study(args) -> int:
         from rlhf_ray.evaluation.study import answers_of, format_results, study_items
 
         if args.action == "results":
-            store = _store(args.db)
-            try:
+            with _store(args.db) as store:
                 results = store.study_results(args.name)
-            finally:
-                store.close()
             print(json.dumps(results, indent=2) if args.json else format_results(results))
             return
         from rlhf_ray.data import load_prompts
@@ -104,12 +98,9 @@ def cmd_study(args) -> int:
         items = study_items(prompts, *answers, seed=args.seed)
         spec = {"models": {"a": args.a, "b": args.b}, "prompts": args.prompts, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-        store = _store(args.db)
-        try:
+        with _store(args.db) as store:
             queue = store.add_queue(args.name, "study", f"{len(items)} prompts of {args.prompts}, two models, blind",
                                     args.labels_per_item, spec, items)
-        finally:
-            store.close()
         print(f"study {queue['name']}: {queue['items']} items ({args.a} vs {args.b}, the order drawn per item), "
               f"{queue['labels_per_item']} judgement(s) each; judge them at /ui/eval?queue={queue['name']}")
 
