@@ -266,7 +266,7 @@ def test_a_visit_labels_chats_and_runs_a_blind_study(site, browser):
 
 def test_bad_input_is_a_message_on_the_page_and_a_4xx(site, browser):
     base, keys = site["base"], site["keys"]
-    for key, words in (("ann-not-a-key", "unknown annotator key"),):
+    for key, words in (("ann-not-a-key", "unknown annotator key"), ("", "missing annotator key")):
         browser.get(f"{base}/ui/label")
         browser.execute_script("localStorage.clear()")
         browser.get(f"{base}/ui/label")
@@ -275,6 +275,32 @@ def test_bad_input_is_a_message_on_the_page_and_a_4xx(site, browser):
         browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
         wait(browser, lambda d: words in message(d), f"the message {words!r}")
         assert not shown(browser, "work")
+    sign_in(browser, f"{base}/ui/label?queue=nope", keys["bob"])
+    wait(browser, lambda d: "no queue “nope”; showing “toy”" in message(d), "the message about the unknown queue")
+
+    # two tabs: the item on this page gets labelled in another one first; then a rating out of range
+    tabs = write_jsonl(site["folder"] / "tabs.jsonl", [{"id": f"tab{i}", "prompt": f"p{i}", "response_a": " x",
+                                                         "response_b": " y"} for i in range(2)])
+    run_cli(["queue", "add", "tabs", "--pairs", str(tabs), "--db", str(site["db"])])
+    sign_in(browser, f"{base}/ui/label?queue=tabs", keys["bob"])
+    first = current_item(browser)
+    other_tab = httpx.post(f"{base}/ui/api/labels", headers={"X-Annotator-Key": keys["bob"]}, timeout=60,
+                           json={"queue": "tabs", "item_id": first, "choice": "tie"})
+    assert other_tab.status_code == 200, other_tab.text
+    press(browser, "a", first)  # the page says so and moves on to the next item
+    assert f"item {first} is already labelled by bob" in message(browser), message(browser)
+    second = current_item(browser)
+    browser.execute_script("const s = document.getElementById('rating-a'); s.add(new Option('9', '9')); s.value = '9';")
+    browser.find_element(By.TAG_NAME, "h3").click()
+    ActionChains(browser).send_keys("b").perform()
+    wait(browser, lambda d: "rating_a" in message(d), "the message about the rating")
+    assert current_item(browser) == second  # still on the page, to be corrected
+    store = FeedbackStore(site["db"], readonly=True)
+    try:
+        assert [(label["item_id"], label["choice"]) for label in store.label_records("tabs")] == [(first, "tie")]
+    finally:
+        store.close()
+
     browser.get(f"{base}/ui/admin")
     browser.find_element(By.ID, "api-key").send_keys("wrong")
     browser.find_element(By.CSS_SELECTOR, "#admin-form button").click()

@@ -27,7 +27,7 @@ async function call(method, path, body, headers = {}) {
 }
 
 // --- signing in with an annotator key -------------------------------------------------------------
-async function signIn() {
+async function signIn(typed = false) {
   try {
     const me = await call("GET", "/ui/api/me");
     $("#who").textContent = `${me.annotator} · ${me.model}`;
@@ -37,7 +37,7 @@ async function signIn() {
   } catch (err) {
     $("#key-form").classList.remove("hidden");
     $("#work").classList.add("hidden");
-    if (localStorage.getItem(KEY)) say(err.message, "error");
+    if (typed || localStorage.getItem(KEY)) say(err.message, "error");  // not on a first visit
     return null;
   }
 }
@@ -46,7 +46,7 @@ function setUpKeyForm(start) {
   $("#key-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     localStorage.setItem(KEY, $("#key").value.trim());
-    const me = await signIn();
+    const me = await signIn(true);
     if (me) { document.activeElement.blur(); say(""); start(me); }
   });
   $("#sign-out").addEventListener("click", () => { localStorage.removeItem(KEY); location.reload(); });
@@ -105,6 +105,7 @@ function startQueue(me) {
   for (const q of queues) select.add(new Option(`${q.name} (${q.source}, ${q.items} items)`, q.name));
   const wanted = new URLSearchParams(location.search).get("queue");
   if (wanted && queues.some((q) => q.name === wanted)) select.value = wanted;
+  else if (wanted && queues.length) say(`There is no ${studies ? "study" : "queue"} “${wanted}”; showing “${select.value}”.`, "error");
   if (!queues.length) { say(studies ? "No study yet: create one with `rlhf-ray study create`." :
                             "No queue yet: add pairs with `rlhf-ray queue add`, or serve with n >= 2.", "error"); return; }
   queueState.queue = select.value;
