@@ -105,3 +105,27 @@ def test_a_request_the_engine_cannot_take_is_refused_before_it_is_queued(engine)
 
     loop = asyncio.run(main())
     assert not loop.waiting and not loop.outputs
+
+
+def test_a_replaced_loop_frees_its_thread_once_its_jobs_have_finished(engine):
+    """After a policy swap the old loop gets no new job: it lets its jobs finish, then shuts its executor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    job_rows = rows(engine, "the movie was", n=2, max_new_tokens=20)
+    alone = [(g.text, g.finish_reason) for g in engine.generate(job_rows)]
+
+    async def main():
+        executor = ThreadPoolExecutor(max_workers=1)
+        loop = DecodeLoop(engine, executor)
+        job = asyncio.create_task(collect(loop, GenerationJob(job_rows, stream=True)))
+        while engine.running < 2:
+            await asyncio.sleep(0.001)
+        assert not await loop.close_when_idle(timeout_s=0.0)  # a job in flight: the bound is told, nothing shut
+        closing = asyncio.create_task(loop.close_when_idle(timeout_s=60))
+        out = await job
+        assert await closing and loop.idle()
+        with pytest.raises(RuntimeError):  # shut down
+            executor.submit(print)
+        return out
+
+    assert asyncio.run(main()) == alone

@@ -44,6 +44,7 @@ from rlhf_ray.serve.schemas import (
     ChatDelta, Completion, CompletionChoice, CompletionRequest, FeedbackAck, FeedbackRequest, Health, ModelCard,
     ModelList, Usage,
 )
+from rlhf_ray.serve.text import PolicyVersion
 
 if TYPE_CHECKING:  # torch is imported by the model replica only (not by the feedback store's)
     from rlhf_ray.serve.engine import TextDelta
@@ -63,8 +64,9 @@ class Backend(Protocol):
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str: ...
 
-    def generate(self, job: GenerationJob) -> AsyncIterator[list[tuple[int, TextDelta]]]:
-        """(choice index, delta) pairs as they are made; every choice's last delta has a finish_reason."""
+    def generate(self, job: GenerationJob) -> AsyncIterator[PolicyVersion | list[tuple[int, TextDelta]]]:
+        """First the version of the policy that decodes the job, then (choice index, delta) lists as they
+        are made; every choice's last delta has a finish_reason."""
 
     async def record(self, record: CompletionRecord) -> None: ...
 
@@ -89,6 +91,7 @@ class LocalBackend:
         return self.engine.chat_prompt(messages)
 
     async def generate(self, job):
+        yield PolicyVersion(self.policy_version)
         async for outputs in self.decode_loop.generate(job):
             yield outputs
 
@@ -125,6 +128,7 @@ class _Completions:
         self.texts = [""] * len(rows)
         self.finish_reasons: list[str | None] = [None] * len(rows)
         self.completion_tokens = [0] * len(rows)
+        self.policy_version = backend.policy_version  # until the model replica says which version decodes it
 
     def take(self, choice: int, delta: TextDelta) -> str:
         """Add a delta; returns the text to show (chat answers start at their first non-space)."""
@@ -149,27 +153,33 @@ class _Completions:
         if self.endpoint == "chat.completions":
             request["messages"] = [m.model_dump(mode="json", exclude_none=True) for m in self.body.messages]
         await self.backend.record(CompletionRecord(self.id, time.time(), self.backend.model_name,
-                                                   self.backend.policy_version, self.endpoint, choices, request))
+                                                   self.policy_version, self.endpoint, choices, request))
 
     async def run(self) -> None:
         async for deltas in self.backend.generate(GenerationJob(self.rows, stream=False)):
+            if isinstance(deltas, PolicyVersion):
+                self.policy_version = str(deltas)
+                continue
             for choice, delta in deltas:
                 self.take(choice, delta)
         await self.record()
 
     def header(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.backend.model_name,
-                "system_fingerprint": self.backend.policy_version}
+                "system_fingerprint": self.policy_version}
 
     async def events(self) -> AsyncIterator[str]:
         """The server-sent events of a streamed response."""
         chat = self.endpoint == "chat.completions"
         try:
-            if chat:  # OpenAI opens each choice with the role
-                yield _sse(ChatCompletionChunk(**self.header(), choices=[
-                    ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                    for i in range(len(self.rows))]).model_dump(mode="json"))
             async for deltas in self.backend.generate(GenerationJob(self.rows, stream=True)):
+                if isinstance(deltas, PolicyVersion):  # first: every chunk then names the version
+                    self.policy_version = str(deltas)
+                    if chat:  # OpenAI opens each choice with the role
+                        yield _sse(ChatCompletionChunk(**self.header(), choices=[
+                            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                            for i in range(len(self.rows))]).model_dump(mode="json"))
+                    continue
                 for choice, delta in deltas:
                     text = self.take(choice, delta)
                     if not text and not delta.finish_reason:

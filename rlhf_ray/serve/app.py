@@ -28,11 +28,13 @@ from ray import serve
 from ray.serve import Application
 
 from rlhf_ray.serve.api import build_api
-from rlhf_ray.serve.config import ServeConfig
+from rlhf_ray.serve.config import PolicyUpdate, ServeConfig
 from rlhf_ray.serve.decode_loop import DecodeLoop, GenerationJob
 from rlhf_ray.serve.feedback_store import STORE_OPS, FeedbackError, FeedbackStore
+from rlhf_ray.serve.text import PolicyVersion
 
 APP_NAME = "rlhf-ray"
+DRAIN_TIMEOUT_S = 600.0  # a replaced policy's jobs in flight get this long before its thread is left to them
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
@@ -70,29 +72,66 @@ class FeedbackStoreServer:
 @serve.deployment
 class PolicyServer:
     """One model replica: the policy, its engine and the decode loop that runs every request in flight as
-    one batch (continuous batching: a request joins at the next step, `max_batch_size` rows at most)."""
+    one batch (continuous batching: a request joins at the next step, `max_batch_size` rows at most).
+
+    A new policy arrives as the deployment's `user_config` ({"policy", "policy_version"}, a lightweight
+    update: the replica stays up). `reconfigure` loads it beside the serving one and then switches: requests
+    already decoding finish on the old policy, later ones get the new one, and each response names its
+    version."""
 
     def __init__(self, config: dict):
         import torch
 
-        from rlhf_ray.models import load_policy
         from rlhf_ray.decoding import keep_freed_memory
-        from rlhf_ray.serve.engine import GenerationEngine
+        from rlhf_ray.serve.policy import policy_version
 
         self.config = ServeConfig.model_validate(config)
         # as many intra-op threads as CPUs reserved: more only contend with the other replicas
         torch.set_num_threads(max(1, int(self.config.num_cpus)))
         keep_freed_memory()  # each decoding step's (B, V) tensors reuse the last step's memory
-        dtype = getattr(torch, self.config.dtype)
+        self.policy = self.config.policy
+        self.policy_version = self.config.policy_version or policy_version(self.policy)
+        self.decode_loop = self._decode_loop(self.policy)
+
+    def _decode_loop(self, policy: str) -> DecodeLoop:
+        import torch
+
+        from rlhf_ray.models import load_policy
+        from rlhf_ray.serve.engine import GenerationEngine
+
         device = "cuda" if self.config.num_gpus > 0 else "cpu"
-        model, tokenizer = load_policy(self.config.policy, dtype=dtype, device=device)
-        self.engine = GenerationEngine(model, tokenizer, max_rows=self.config.max_batch_size)
+        model, tokenizer = load_policy(policy, dtype=getattr(torch, self.config.dtype), device=device)
+        engine = GenerationEngine(model, tokenizer, max_rows=self.config.max_batch_size)
         # one thread runs the decoding steps; the event loop keeps taking requests meanwhile
-        self.decode_loop = DecodeLoop(self.engine, ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode"))
+        return DecodeLoop(engine, ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode"))
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this at start and on each change of `user_config`: serve the policy it names."""
+        from rlhf_ray.serve.policy import policy_version
+
+        update = PolicyUpdate.model_validate(user_config or {})
+        if update.policy is None or (update.policy, update.policy_version) == (self.policy, self.policy_version):
+            return
+        # loading takes seconds: in a thread, while this replica's loop goes on answering
+        loop = await asyncio.get_running_loop().run_in_executor(None, self._decode_loop, update.policy)
+        version = update.policy_version or policy_version(update.policy)
+        old, self.decode_loop = self.decode_loop, loop
+        self.policy, self.policy_version = update.policy, version
+        asyncio.get_running_loop().create_task(old.close_when_idle(timeout_s=DRAIN_TIMEOUT_S))
+
+    def serving(self) -> dict:
+        """What this replica serves, and which replica it is (a swap keeps the replica)."""
+        import os
+
+        return {"policy": self.policy, "policy_version": self.policy_version, "pid": os.getpid(),
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def generate(self, job: GenerationJob):
-        """(choice, delta) lists as `Backend.generate` yields them (called with `stream=True`)."""
-        async for outputs in self.decode_loop.generate(job):
+        """The job's policy version, then (choice, delta) lists as `Backend.generate` yields them (called
+        with `stream=True`). The job stays on the loop it started on."""
+        decode_loop, version = self.decode_loop, self.policy_version
+        yield PolicyVersion(version)
+        async for outputs in decode_loop.generate(job):
             yield outputs
 
 
@@ -116,6 +155,14 @@ class OpenAIServer:
 
     def __serve_build_asgi_app__(self):
         return build_api(self, self.config)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The served version for /v1/models (each response names the version that decoded it)."""
+        update = PolicyUpdate.model_validate(user_config or {})
+        if update.policy is not None:
+            from rlhf_ray.serve.policy import policy_version
+
+            self.policy_version = update.policy_version or policy_version(update.policy)
 
     # the Backend protocol of serve/api.py
 
@@ -146,9 +193,12 @@ class OpenAIServer:
         return answer["result"]
 
 
-def build_app(config: ServeConfig) -> Application:
-    """The Serve application for `config`: replicas, autoscaling and batching as configured."""
+def build_app(config: ServeConfig, update: PolicyUpdate | None = None) -> Application:
+    """The Serve application for `config`: replicas, autoscaling and batching as configured. With `update`,
+    the policy it names replaces `config.policy` through `reconfigure`: running `serve.run` again with the
+    same `config` and another update swaps the served policy without restarting a replica."""
     fields = config.model_dump(mode="json")
+    user_config = update.model_dump(mode="json") if update is not None else None
     store = FeedbackStoreServer.options(
         ray_actor_options={"num_cpus": 0, "resources": dict(config.store_resources)},
     ).bind(config.feedback_db)
@@ -161,11 +211,13 @@ def build_app(config: ServeConfig) -> Application:
         },
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        user_config=user_config,
     ).bind(fields)
     return OpenAIServer.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
+        user_config=user_config,
     ).bind(fields, model, store)
 
 

@@ -86,7 +86,8 @@ def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
-    from rlhf_ray.serve.app import APP_NAME, build_app
+    from rlhf_ray.serve.app import APP_NAME
+    from rlhf_ray.serve.deploy import deploy
     from rlhf_ray.serve.policy import model_name
 
     if args.address:
@@ -96,7 +97,7 @@ def cmd_serve(args) -> int:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        deploy(config)  # declaratively: `rlhf-ray loop` and `rollback` swap its policy in place
     except Exception as err:  # noqa: BLE001 - a replica that cannot start: say why, exit non-zero
         print(f"rlhf-ray serve: the application failed to start: {err}", file=sys.stderr)
         serve.shutdown()

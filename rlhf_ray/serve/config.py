@@ -15,6 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 API_KEY_ENV = "RLHF_RAY_API_KEY"
 
 
+class PolicyUpdate(BaseModel):
+    """The deployments' `user_config`: a policy that replaces `ServeConfig.policy` without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = None  # a policy folder; None: the one of ServeConfig
+    policy_version: str | None = None  # None: derived from the folder, as ServeConfig.policy_version
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -75,6 +75,23 @@ class DecodeLoop:
                 self.waiting = deque(entry for entry in self.waiting if entry[0][0] != job_id)
                 self.leaving.update((job_id, choice) for choice in range(len(job.rows)))
 
+    def idle(self) -> bool:
+        return not self.outputs and not self.waiting and (self.task is None or self.task.done())
+
+    async def close_when_idle(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """Free the decoding thread once the jobs in flight have finished (a replaced loop: no new job
+        comes); False if they did not finish within `timeout_s` (the thread is then left to them)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self.idle():
+            if asyncio.get_running_loop().time() > deadline:
+                logger.warning("a replaced decode loop still had %d jobs after %.0f s; its thread stays",
+                               len(self.outputs), timeout_s)
+                return False
+            await asyncio.sleep(poll_s)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
+        return True
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self.waiting or self.engine.running:

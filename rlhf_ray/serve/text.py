@@ -11,6 +11,11 @@ from dataclasses import dataclass
 PROMPT_TAIL_TOKENS = 6  # prompt tokens decoded before the first response token: keeps its leading space
 
 
+class PolicyVersion(str):
+    """The first item a model replica's `generate` yields for a job: the version of the policy decoding it
+    (fixed for the job, even if the replica switches to a newer policy while the job runs)."""
+
+
 @dataclass
 class TextDelta:
     """What one step added to one sequence: its token, new text, and why it finished if it did."""
