@@ -4,8 +4,8 @@ same people judge the new policy against the old in a blind study.
 
     python experiments/feedback_demo.py [--out runs] [--prompts 240] [--chats 240] [--study-prompts 40]
 
-The people are simulated (three annotators with their own keys, each judging a text by the toy task's
-sentiment score plus their own noise), but everything they do goes over HTTP to a real `rlhf-ray serve`,
+The people are simulated (rlhf_ray.simulated_users: three annotators with their own keys, each judging a
+text by the toy task's sentiment score plus their own noise), but everything they do goes over HTTP to a real `rlhf-ray serve`,
 as a browser would: answers with n = 2 fill the "served" queue, `/ui/api/labels` takes their A/B labels
 and ratings, `/ui/api/chat` and `/ui/api/feedback` their chats, likes and ratings. Every step is an
 `rlhf-ray` command on experiments/pipeline_feedback.yaml; the figures printed at the end are read from
@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import secrets
 import signal
 import socket
@@ -26,38 +25,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from envs.builtin import sentiment_score  # noqa: E402
+from rlhf_ray.simulated_users import Population, make_people  # noqa: E402
 
 CONFIG = REPO / "experiments" / "pipeline_feedback.yaml"
 PEOPLE = {"alice": 0.05, "bob": 0.10, "carol": 0.15}  # each person's judgement noise
 CONCURRENCY = 8
-
-
-@dataclass
-class Person:
-    """A simulated annotator: a text's worth to them is its sentiment score plus their own noise."""
-
-    name: str
-    key: str
-    noise: float
-    rng: random.Random
-
-    def worth(self, text: str) -> float:
-        return sentiment_score(text) + self.rng.gauss(0.0, self.noise)
-
-    def choose(self, a: str, b: str) -> str:
-        wa, wb = self.worth(a), self.worth(b)
-        return "tie" if abs(wa - wb) < 0.02 else "A" if wa > wb else "B"
-
-    def rating(self, text: str) -> int:
-        return min(5, max(1, round(3 + 4 * self.worth(text))))
 
 
 def rlhf_ray(*argv: str, capture: bool = False) -> str:
@@ -101,88 +77,19 @@ class Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
-async def bounded(tasks, limit: int = CONCURRENCY):
-    gate = asyncio.Semaphore(limit)
-
-    async def run(task):
-        async with gate:
-            return await task
-
-    return await asyncio.gather(*(run(t) for t in tasks))
-
-
-async def ok(response) -> dict:
-    response = await response
-    if response.status_code != 200:
-        raise RuntimeError(f"{response.request.method} {response.request.url.path}: {response.status_code} "
-                           f"{response.text}")
-    return response.json()
-
-
-async def collect_feedback(server: Server, api_key: str, people: list[Person], prompts: list[str],
+async def collect_feedback(server: Server, api_key: str, people: list, prompts: list[str],
                            chat_prompts: list[str]) -> dict:
     """What people give on the served policy: labels of its answer pairs, and chats with ratings and likes."""
-    async with httpx.AsyncClient(base_url=server.base, timeout=120) as client:
-        auth = {"Authorization": f"Bearer {api_key}"}
-        # an application shows two answers per question (n = 2): each enters the "served" labelling queue
-        await bounded([ok(client.post("/v1/completions", headers=auth, json={
-            "model": "policy", "prompt": prompt, "n": 2, "max_tokens": 10, "seed": i}))
-            for i, prompt in enumerate(prompts)])
-        counts = {"labels": 0, "chat_ratings": 0, "chat_likes": 0}
-
-        async def label_queue(person: Person):
-            headers = {"X-Annotator-Key": person.key}
-            while True:
-                item = (await ok(client.get("/ui/api/next", params={"queue": "served"}, headers=headers)))["item"]
-                if item is None:
-                    return
-                body = {"queue": "served", "item_id": item["id"],
-                        "choice": person.choose(item["response_a"], item["response_b"])}
-                if person.rng.random() < 0.5:  # half the time they also rate both answers
-                    body["rating_a"], body["rating_b"] = (person.rating(item["response_a"]),
-                                                          person.rating(item["response_b"]))
-                response = await client.post("/ui/api/labels", headers=headers, json=body)
-                if response.status_code == 409:  # another person labelled it first
-                    continue
-                if response.status_code != 200:
-                    raise RuntimeError(f"POST /ui/api/labels: {response.status_code} {response.text}")
-                counts["labels"] += 1
-
-        await asyncio.gather(*(label_queue(person) for person in people))
-
-        async def chat(person: Person, prompt: str):
-            headers = {"X-Annotator-Key": person.key}
-            answer = await ok(client.post("/ui/api/chat", headers=headers, json={
-                "messages": [{"role": "user", "content": prompt}], "max_tokens": 10}))
-            text = answer["choices"][0]["message"]["content"]
-            if person.rng.random() < 0.5:
-                feedback, kind = {"rating": person.rating(text)}, "chat_ratings"
-            else:
-                feedback, kind = {"like": person.worth(text) > 0}, "chat_likes"
-            await ok(client.post("/ui/api/feedback", headers=headers,
-                                 json={"completion_id": answer["id"], **feedback}))
-            counts[kind] += 1
-
-        await bounded([chat(people[i % len(people)], prompt) for i, prompt in enumerate(chat_prompts)])
-    return counts
+    async with Population(server.base, people, api_key=api_key, concurrency=CONCURRENCY) as population:
+        await population.ask(prompts, n=2, max_tokens=10)  # two answers per question: the "served" queue
+        labels = await population.label("served", rate=0.5)
+        chats = await population.chat(chat_prompts, max_tokens=10)
+    return {"labels": labels, "chat_ratings": chats["ratings"], "chat_likes": chats["likes"]}
 
 
-async def judge_study(server: Server, people: list[Person], study: str) -> int:
-    """The people judge the blind study on the pages' routes, taking turns (so every two of them share items)."""
-    async with httpx.AsyncClient(base_url=server.base, timeout=120) as client:
-        done, waiting = 0, list(people)
-        while waiting:
-            for person in list(waiting):
-                headers = {"X-Annotator-Key": person.key}
-                item = (await ok(client.get("/ui/api/next", params={"queue": study}, headers=headers)))["item"]
-                if item is None:
-                    waiting.remove(person)
-                    continue
-                await ok(client.post("/ui/api/labels", headers=headers, json={
-                    "queue": study, "item_id": item["id"],
-                    "choice": person.choose(item["response_a"], item["response_b"])}))
-                done += 1
-        return done
+async def judge_study(server: Server, api_key: str, people: list, study: str) -> int:
+    async with Population(server.base, people, api_key=api_key, concurrency=CONCURRENCY) as population:
+        return await population.judge(study)
 
 
 def prompts_of(path: Path, count: int, skip: int = 0) -> list[str]:
@@ -214,11 +121,9 @@ def main() -> None:
         return value
 
     step("sft", lambda: rlhf_ray("pipeline", *common, "--stages", "sft"))
-    rng = random.Random(0)
-    people = []
-    for name, noise in PEOPLE.items():
-        key = rlhf_ray("annotators", "add", name, "--db", str(db), capture=True).strip().splitlines()[-1]
-        people.append(Person(name, key, noise, random.Random(rng.random())))
+    keys = {name: rlhf_ray("annotators", "add", name, "--db", str(db), capture=True).strip().splitlines()[-1]
+            for name in PEOPLE}
+    people = make_people("envs.builtin:sentiment_reward", PEOPLE, keys, seed=0)
     api_key = secrets.token_urlsafe(16)
     train_prompts = prompts_of(REPO / "experiments/data/prompts.jsonl", args.prompts)
     chat_prompts = prompts_of(REPO / "experiments/data/prompts.jsonl", args.chats, skip=args.prompts)
@@ -242,7 +147,7 @@ def main() -> None:
     def judged():
         server = Server(run / "policy", db, api_key)  # the new version is served; people judge the study
         try:
-            return asyncio.run(judge_study(server, people, study))
+            return asyncio.run(judge_study(server, api_key, people, study))
         finally:
             server.stop()
 
