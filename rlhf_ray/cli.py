@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf_ray.evaluation.cli import add_eval_commands
     from rlhf_ray.jobs.cli import add_job_commands
     from rlhf_ray.labeling import add_label_commands
+    from rlhf_ray.loop.cli import add_loop_commands
     from rlhf_ray.serve.annotation_cli import add_annotation_commands
 
     add_job_commands(commands)
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_commands(commands)
     add_annotation_commands(commands)
     add_eval_commands(commands)
+    add_loop_commands(commands)
     return parser
 
 

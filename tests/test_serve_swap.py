@@ -42,8 +42,8 @@ def local_text(policy, tmp_path) -> str:
 class Traffic:
     """Requests sent back to back from a thread, half of them streamed: status, version, start and end."""
 
-    def __init__(self, base_url: str):
-        self.base_url, self.results, self.stop = base_url, [], threading.Event()
+    def __init__(self, base_url: str, model: str = MODEL):
+        self.base_url, self.model, self.results, self.stop = base_url, model, [], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -51,7 +51,7 @@ class Traffic:
             for i in range(10_000):
                 if self.stop.is_set():
                     return
-                body = {"model": MODEL, "prompt": f"request {i} was", "max_tokens": 16, "temperature": 1.0}
+                body = {"model": self.model, "prompt": f"request {i} was", "max_tokens": 16, "temperature": 1.0}
                 began = time.monotonic()
                 if i % 2:
                     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from rlhf_ray.config.loop import LoopConfig
 from rlhf_ray.config.section import _Section
 from rlhf_ray.config.stages import DPOStageConfig, FeedbackStageConfig, SatisfactionStageConfig, StageConfig
 from rlhf_ray.data.config import DatasetConfig
@@ -303,6 +304,7 @@ class RunConfig(_Section):
     # `rlhf-ray pipeline`: the user-satisfaction model S on ratings and likes, written to {run}/satisfaction_model
     satisfaction_model: SatisfactionStageConfig | None = None
     dpo: DPOStageConfig | None = None  # `rlhf-ray pipeline`: DPO / IPO / SimPO on pairs, written to {run}/dpo
+    loop: LoopConfig | None = None  # `rlhf-ray loop`: serve, collect feedback, retrain, gate, redeploy
 
     @property
     def run_dir(self) -> str:

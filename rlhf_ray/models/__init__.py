@@ -7,7 +7,7 @@ from rlhf_ray.lazy import lazy_exports
 
 _EXPORTS = {
     "BUILTIN_MODELS": "tiny", "ModelNotFoundError": "folders", "load_policy": "loading",
-    "load_tokenizer": "loading", "resolve_model_path": "loading", "save_hf_folder": "folders",
+    "load_tokenizer": "loading", "resolve_model_path": "loading", "parameters_digest": "loading", "save_hf_folder": "folders",
     "build_tiny_model": "tiny", "build_tiny_tokenizer": "tiny", "save_tiny_model": "tiny",
 }
 __getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -62,3 +62,16 @@ def load_policy(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.floa
     path = resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, load_tokenizer(path)
+
+
+def parameters_digest(model) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes, values): the same weights, the same
+    digest, wherever they were loaded (a served replica, a rollback, a test)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

@@ -119,12 +119,18 @@ class PolicyServer:
         self.policy, self.policy_version = update.policy, version
         asyncio.get_running_loop().create_task(old.close_when_idle(timeout_s=DRAIN_TIMEOUT_S))
 
-    def serving(self) -> dict:
-        """What this replica serves, and which replica it is (a swap keeps the replica)."""
+    def serving(self, weights: bool = False) -> dict:
+        """What this replica serves, and which replica it is (a swap keeps the replica); with `weights`, the
+        sha256 of the served parameters (`rlhf_ray.models.parameters_digest`)."""
         import os
 
-        return {"policy": self.policy, "policy_version": self.policy_version, "pid": os.getpid(),
-                "replica": serve.get_replica_context().replica_id.unique_id}
+        from rlhf_ray.models import parameters_digest
+
+        answer = {"policy": self.policy, "policy_version": self.policy_version, "pid": os.getpid(),
+                  "replica": serve.get_replica_context().replica_id.unique_id}
+        if weights:
+            answer["weights"] = parameters_digest(self.decode_loop.engine.model)
+        return answer
 
     async def generate(self, job: GenerationJob):
         """The job's policy version, then (choice, delta) lists as `Backend.generate` yields them (called

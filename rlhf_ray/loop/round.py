@@ -1,0 +1,128 @@
+"""One round of `rlhf-ray loop`: from the feedback the served version collected to the next served version.
+
+    feedback  export every feedback record and label so far (as `rlhf-ray feedback export`) into the
+              version folder: the round's training set, fixed once written
+    train     the reward model H and the satisfaction model S on it (the config's stages), then PPO (or the
+              critic-free method of `ppo.advantage`) from the served version, with the KL to it in the loss
+    eval      the candidate against the served version on held-out prompts (`rlhf-ray eval`'s report)
+    gate      deploy only if the judge's win rate and the KL pass `loop.gate`
+    deploy    the zero-downtime swap (serve/deploy.py), and served.json
+
+Each step is recorded in version.json when it has finished; a round started again (after a crash) goes on
+from the first step not recorded, and the stages it reruns skip what they completed (`rlhf-ray pipeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rlhf_ray.config.schema import RunConfig
+from rlhf_ray.loop.versions import read_record, version_id, versions_dir, write_record
+
+STEPS = ("feedback", "train", "eval", "gate", "deploy")
+
+
+def feedback_counts(db: str | Path) -> dict:
+    """How many feedback records and labels the database holds, and their largest ids."""
+    from rlhf_ray.serve.feedback_store import FeedbackStore
+
+    store = FeedbackStore(db, readonly=True)
+    try:
+        records, labels = store.feedback_records(), store.label_records()
+    finally:
+        store.close()
+    return {"records": len(records), "labels": len(labels),
+            "last_record_id": max((r["id"] for r in records), default=0),
+            "last_label_id": max((label["id"] for label in labels), default=0)}
+
+
+def round_config(config: RunConfig, folder: Path, parent_policy: str) -> RunConfig:
+    """The run config of a round: {run} is the version folder, the policy and the KL reference the served
+    version, H and S on the round's exported feedback."""
+    from rlhf_ray.data.config import DatasetConfig
+
+    update: dict = {"output_dir": str(folder.parent), "name": folder.name, "sft": None, "dpo": None, "loop": None,
+                    "model": config.model.model_copy(update={"policy": parent_policy, "reference": None})}
+    for stage, name in (("reward_model", "preferences.jsonl"), ("satisfaction_model", "ratings.jsonl")):
+        section = getattr(config, stage)
+        if section is not None:
+            update[stage] = section.model_copy(update={
+                "data": DatasetConfig(path=str(folder / "feedback" / name)), "feedback_db": None})
+    return config.model_copy(update=update)
+
+
+def eval_args(folder: Path, config: RunConfig, parent_policy: str) -> argparse.Namespace:
+    loop = config.loop
+    return argparse.Namespace(target=str(folder), config=None, overrides=[], prompts=None,
+                              num_prompts=loop.eval_prompts, reference=parent_policy, judge=loop.judge,
+                              device="cpu", max_new_tokens=None, seed=None, out=str(folder / "eval"), samples=8,
+                              study=None)
+
+
+def gate(evaluation: dict, config: RunConfig) -> tuple[str, str]:
+    """("deploy" | "rejected", why) for the candidate's evaluation against the served version."""
+    rules = config.loop.gate
+    failed = []
+    if evaluation["win_rate"] < rules.min_win_rate:
+        failed.append(f"win rate {evaluation['win_rate']:.3f} < {rules.min_win_rate}")
+    if rules.max_kl is not None and evaluation["kl"] > rules.max_kl:
+        failed.append(f"KL {evaluation['kl']:.3f} > {rules.max_kl}")
+    if failed:
+        return "rejected", "; ".join(failed)
+    return "deploy", f"win rate {evaluation['win_rate']:.3f} >= {rules.min_win_rate}" + (
+        f", KL {evaluation['kl']:.3f} <= {rules.max_kl}" if rules.max_kl is not None else "")
+
+
+def begin_round(run_dir: Path, number: int, parent: dict) -> Path:
+    """The version folder of round `number` (its record written first: the version list has no gap)."""
+    folder = versions_dir(run_dir) / version_id(number)
+    if not (folder / "version.json").is_file():
+        write_record(folder, {"id": version_id(number), "number": number, "parent": parent["id"],
+                              "parent_policy": parent["policy"], "policy": str(folder / "policy"),
+                              "created": time.time(), "steps": []})
+    return folder
+
+
+def run_round(config: RunConfig, folder: Path, deploy_fn, address: str | None = None, log=print) -> dict:
+    """Run the steps of the round in `folder` not yet recorded; returns its final record."""
+    from rlhf_ray.evaluation.cli import run_eval
+    from rlhf_ray.pipeline.stages import run_pipeline
+    from rlhf_ray.serve.feedback_export import export_feedback
+
+    record = read_record(folder)
+
+    def done(step: str, **fields) -> None:
+        record.update(fields)
+        record["steps"] = [*record["steps"], step]
+        write_record(folder, record)
+        log(f"[loop] {record['id']}: {step} done")
+
+    db = config.expand(config.loop.feedback_db)
+    if "feedback" not in record["steps"]:
+        counts = feedback_counts(db)  # read before the export: whatever it holds, the export holds too
+        summary = export_feedback(db, folder / "feedback")
+        done("feedback", feedback={**counts, "pairs": summary.pairs, "rated": summary.rated,
+                                   "left_out": summary.left_out().removeprefix("; left out: ")})
+    if "train" not in record["steps"]:
+        stages = tuple(s for s in ("reward_model", "satisfaction_model") if getattr(config, s) is not None)
+        run_pipeline(round_config(config, folder, record["parent_policy"]), address=address,
+                     stages=(*stages, "ppo"))
+        done("train")
+    if "eval" not in record["steps"]:
+        _, result, _ = run_eval(eval_args(folder, config, record["parent_policy"]))
+        judged = [(s.policy_judge, s.reference_judge) for s in result.samples]
+        done("eval", eval={"win_rate": result.win_rate, "kl": result.kl, "judge": result.judge,
+                           "score": sum(p for p, _ in judged) / len(judged),  # the judge's mean, candidate
+                           "served_score": sum(r for _, r in judged) / len(judged),  # and served version
+                           "reward": result.policy["reward"], "served_reward": result.reference["reward"]})
+    if "gate" not in record["steps"]:
+        decision, why = gate(record["eval"], config)
+        done("gate", decision=decision, why=why)
+        log(f"[loop] {record['id']}: {decision} ({why})")
+    if "deploy" not in record["steps"]:
+        if record["decision"] == "deploy":
+            deploy_fn(record)
+        done("deploy")
+    return record

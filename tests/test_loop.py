@@ -1,0 +1,137 @@
+"""`rlhf-ray loop`: the gate's decisions and the version list by hand, and one whole round on a real Ray:
+the tiny policy served, simulated people giving feedback over HTTP, H and PPO trained from it, the
+candidate evaluated, gated and deployed while a client keeps sending requests (none fails), then a rollback
+that serves the start version's exact weights."""
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from rlhf_ray.cli import main
+from rlhf_ray.config.schema import RunConfig
+from rlhf_ray.loop.round import gate
+from rlhf_ray.loop.run import deploy_version, run_loop
+from rlhf_ray.loop.versions import format_versions, served, version_record, write_record
+from rlhf_ray.models import load_policy, parameters_digest
+from rlhf_ray.serve.app import APP_NAME
+from rlhf_ray.serve.feedback_store import FeedbackStore
+from rlhf_ray.simulated_users import Population, make_people
+from test_serve_http import free_port
+from test_serve_swap import Traffic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_with(gate_fields: dict, **loop) -> RunConfig:
+    return RunConfig.model_validate({"loop": {"gate": gate_fields, **loop}})
+
+
+def test_the_gate_passes_a_candidate_only_on_every_rule():
+    evaluation = {"win_rate": 0.60, "kl": 2.0}
+    assert gate(evaluation, config_with({"min_win_rate": 0.55})) == ("deploy", "win rate 0.600 >= 0.55")
+    assert gate(evaluation, config_with({"min_win_rate": 0.55, "max_kl": 3.0}))[0] == "deploy"
+    assert gate(evaluation, config_with({"min_win_rate": 0.65, "max_kl": 1.5})) == \
+        ("rejected", "win rate 0.600 < 0.65; KL 2.000 > 1.5")
+
+
+def test_versions_lists_each_round_and_rollback_names_what_is_missing(tmp_path, capsys):
+    root = tmp_path / "run" / "versions"
+    write_record(root / "v0000", {"id": "v0000", "number": 0, "policy": "p0", "parent": None, "steps": ["deploy"],
+                                  "decision": "deploy", "feedback": {"records": 0, "labels": 0}})
+    write_record(root / "v0001", {"id": "v0001", "number": 1, "policy": "p1", "parent": "v0000",
+                                  "steps": ["feedback", "train", "eval", "gate", "deploy"], "decision": "rejected",
+                                  "eval": {"win_rate": 0.41, "kl": 0.8, "score": 0.12, "served_score": 0.2},
+                                  "feedback": {"records": 30, "labels": 20}})
+    write_record(root / "v0002", {"id": "v0002", "number": 2, "policy": "p2", "parent": "v0000",
+                                  "steps": ["feedback"], "feedback": {"records": 60, "labels": 40}})
+    (root / "served.json").write_text(json.dumps({"id": "v0000", "policy": "p0"}))
+    table = format_versions(tmp_path / "run").splitlines()
+    assert table[1].split() == ["v0000", "-", "0+0", "-", "-", "-", "deploy", "*"]
+    assert table[2].split() == ["v0001", "v0000", "30+20", "+0.120", "(+0.200)", "0.410", "0.800", "rejected"]
+    assert table[3].split()[:7] == ["v0002", "v0000", "60+40", "-", "-", "-", "in"]
+    assert main(["versions", str(tmp_path / "run")]) == 0 and "v0002" in capsys.readouterr().out
+    assert main(["rollback", str(tmp_path / "run"), "v0009"]) == 1
+    assert "has no version 'v0009' (versions: v0000, v0001, v0002)" in capsys.readouterr().err
+    assert main(["rollback", str(tmp_path / "run"), "v0002"]) == 1  # its round has not trained a policy
+    assert "no finished policy" in capsys.readouterr().err
+
+
+def loop_config(tmp_path, policy, port: int, db: Path) -> RunConfig:
+    return RunConfig.model_validate({
+        "name": "looped", "output_dir": str(tmp_path), "seed": 0,
+        "model": {"policy": str(policy)},
+        "data": {"prompt_dataset": {"path": str(REPO / "experiments/data/prompts.jsonl")},
+                 "eval_dataset": {"path": str(REPO / "experiments/data/prompts_heldout.jsonl")}},
+        "reward_model": {"base": "rlhf-ray/tiny-gpt2", "feedback_db": str(db), "epochs": 2, "lr": 1.0e-3,
+                         "batch_size": 16},
+        "reward": {"components": {"human": {"model": "{run}/reward_model", "weight": 1.0}}},
+        "rollout": {"batch_size": 16, "max_new_tokens": 8, "workers": {"min": 1, "max": 1}, "num_cpus": 0.5},
+        "ppo": {"epochs": 2, "minibatch_size": 8},
+        "learner": {"num_workers": 1, "lr": 5.0e-4},
+        "train": {"iterations": 3, "checkpoint_every": 3},
+        "loop": {"feedback_db": str(db), "min_new_feedback": 40, "poll_s": 0.5, "rounds": 1, "port": port,
+                 "eval_prompts": 16, "judge": "envs.builtin:sentiment_reward", "gate": {"min_win_rate": 0.0},
+                 "serve": {"model_name": "looped", "num_cpus": 0.5, "max_tokens_limit": 32,
+                           "default_max_tokens": 8}},
+    })
+
+
+def served_now(weights: bool = False) -> dict:
+    return serve.get_deployment_handle("PolicyServer", APP_NAME).serving.remote(weights).result(timeout_s=60)
+
+
+def test_one_round_serves_collects_trains_gates_deploys_and_rolls_back(tiny_model_dir, tmp_path):
+    port, db = free_port(), tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    keys = {name: store.add_annotator(name) for name in ("alice", "bob")}
+    store.close()
+    config = loop_config(tmp_path, tiny_model_dir, port, db)
+    run_dir, base_url = Path(config.run_dir), f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = {}
+        loop = threading.Thread(target=lambda: outcome.update(versions=run_loop(config)), daemon=True)
+        loop.start()
+        deadline = time.monotonic() + 240
+        while served(run_dir) is None:
+            assert loop.is_alive() and time.monotonic() < deadline, "the loop did not start serving within 240 s"
+            time.sleep(0.5)
+
+        async def give_feedback():
+            people = make_people("envs.builtin:sentiment_reward", {"alice": 0.05, "bob": 0.05}, keys)
+            async with Population(base_url, people) as population:
+                await population.ask([f"the movie number {i} was" for i in range(40)], n=2, max_tokens=8)
+                return await population.label("served", rate=0.5)
+
+        with Traffic(base_url, model="looped") as traffic:
+            assert asyncio.run(give_feedback()) >= 30
+            loop.join(timeout=600)
+            assert not loop.is_alive(), "the round did not finish within 600 s"
+        assert [status for status, *_ in traffic.results if status != 200] == []
+        versions = outcome["versions"]
+        assert [v["id"] for v in versions] == ["v0000", "v0001"]
+        latest = versions[-1]
+        assert latest["steps"] == ["feedback", "train", "eval", "gate", "deploy"] and latest["decision"] == "deploy"
+        assert latest["feedback"]["labels"] >= 30 and latest["parent"] == "v0000"
+        assert 0.0 <= latest["eval"]["win_rate"] <= 1.0 and (run_dir / "versions/v0001/eval/eval.json").is_file()
+        assert served(run_dir)["id"] == "v0001" and served_now()["policy_version"] == "v0001"
+        assert traffic.results[-1][1] == "v0001"  # the last requests were answered by the new version
+
+        # rollback: the start version's exact weights are served again, in the same replica
+        before = served_now()
+        deploy_version(run_dir, version_record(run_dir, "v0000"), how="rollback")
+        after = served_now(weights=True)
+        model, _ = load_policy(str(tiny_model_dir))
+        assert after["weights"] == parameters_digest(model) and after["replica"] == before["replica"]
+        assert served(run_dir)["how"] == "rollback"
+        log = [json.loads(line) for line in (run_dir / "versions/deploys.jsonl").read_text().splitlines()]
+        assert [(e["id"], e["how"]) for e in log] == [("v0000", "deploy"), ("v0001", "deploy"),
+                                                     ("v0000", "rollback")]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
