@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import ray
 from ray import serve
 
@@ -135,3 +136,67 @@ def test_one_round_serves_collects_trains_gates_deploys_and_rolls_back(tiny_mode
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_loop_killed_mid_round_finishes_that_round_once_when_started_again(tiny_model_dir, tmp_path):
+    """SIGKILL of `rlhf-ray loop` (its whole process group, Ray included) while the round trains; started
+    again, it serves the version it served and completes the same round: no gap, no duplicate."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from rlhf_ray.config import dump_config
+
+    port, db = free_port(), tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    keys = {name: store.add_annotator(name) for name in ("alice", "bob")}
+    store.close()
+    config = loop_config(tmp_path, tiny_model_dir, port, db)
+    path = tmp_path / "loop.yaml"
+    path.write_text(dump_config(config))
+    run_dir, record = Path(config.run_dir), Path(config.run_dir) / "versions/v0001/version.json"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "loop", str(path)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_for(condition, what: str, process: subprocess.Popen, limit_s: float = 300) -> None:
+        deadline = time.monotonic() + limit_s
+        while not condition():
+            assert process.poll() is None, f"the loop exited ({process.returncode}) before {what}"
+            assert time.monotonic() < deadline, f"waited {limit_s:.0f} s for {what}"
+            time.sleep(0.5)
+
+    first = start()
+    try:
+        wait_for(lambda: served(run_dir) is not None, "the first version served", first)
+
+        async def give_feedback():
+            people = make_people("envs.builtin:sentiment_reward", {"alice": 0.05, "bob": 0.05}, keys)
+            async with Population(f"http://127.0.0.1:{port}", people) as population:
+                await population.ask([f"the movie number {i} was" for i in range(40)], n=2, max_tokens=8)
+                await population.label("served")
+
+        asyncio.run(give_feedback())
+        wait_for(lambda: record.is_file() and "feedback" in json.loads(record.read_text())["steps"],
+                 "the round's first step", first)
+        time.sleep(8)  # into the training
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert "deploy" not in json.loads(record.read_text())["steps"]
+
+    second = start()
+    try:
+        assert second.wait(timeout=600) == 0
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    versions = json.loads(json.dumps([json.loads((run_dir / f"versions/{v}/version.json").read_text())
+                                      for v in ("v0000", "v0001")]))
+    assert sorted(p.name for p in (run_dir / "versions").glob("v*")) == ["v0000", "v0001"]
+    assert versions[1]["steps"] == ["feedback", "train", "eval", "gate", "deploy"]
+    log = [json.loads(line) for line in (run_dir / "versions/deploys.jsonl").read_text().splitlines()]
+    assert [(e["id"], e["how"]) for e in log] == [("v0000", "deploy"), ("v0001", "deploy")]

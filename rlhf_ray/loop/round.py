@@ -124,5 +124,5 @@ def run_round(config: RunConfig, folder: Path, deploy_fn, address: str | None = 
     if "deploy" not in record["steps"]:
         if record["decision"] == "deploy":
             deploy_fn(record)
-        done("deploy")
+        done("deploy", finished=time.time())
     return record

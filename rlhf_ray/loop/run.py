@@ -94,7 +94,8 @@ def run_loop(config: RunConfig, address: str | None = None, log=print) -> list[d
     if config.loop is None:
         raise LoopError("the config has no loop: section")
     run_dir = Path(config.run_dir)
-    start_ray(config, address)
+    server = serve_config(config, config.model.policy)
+    start_ray(config, address, extra_cpus=server.max_replicas * server.num_cpus)
     current = start_serving(config, run_dir)
     log(f"[loop] serving {current['id']} ({current['policy']}) at http://{config.loop.host}:{config.loop.port}/v1")
     rounds = 0

@@ -42,7 +42,9 @@ class TrainingError(RuntimeError):
         self.log = log
 
 
-def start_ray(config: RunConfig, address: str | None) -> None:
+def start_ray(config: RunConfig, address: str | None, extra_cpus: float = 0.0) -> None:
+    """Connect to `address`, or start a local Ray with CPUs for the learner, the rollout workers and
+    `extra_cpus` more (`rlhf-ray loop`'s model replicas)."""
     if ray.is_initialized():
         return
     env = {"env_vars": {**deepspeed_worker_env(config.learner.use_gpu), **QUIET_ENV}}
@@ -55,7 +57,7 @@ def start_ray(config: RunConfig, address: str | None) -> None:
     # address="local": a new instance even when a `ray start` cluster runs on this machine, which a bare
     # ray.init() would join (and then refuse num_cpus).
     needed = (config.learner.num_workers * config.learner.cpus_per_worker
-              + config.rollout.workers.max * config.rollout.num_cpus)
+              + config.rollout.workers.max * config.rollout.num_cpus + extra_cpus)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env, log_to_driver=True)
 
 
