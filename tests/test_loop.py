@@ -200,3 +200,22 @@ def test_a_loop_killed_mid_round_finishes_that_round_once_when_started_again(tin
     assert versions[1]["steps"] == ["feedback", "train", "eval", "gate", "deploy"]
     log = [json.loads(line) for line in (run_dir / "versions/deploys.jsonl").read_text().splitlines()]
     assert [(e["id"], e["how"]) for e in log] == [("v0000", "deploy"), ("v0001", "deploy")]
+
+
+def test_a_round_waits_for_enough_new_feedback_or_for_its_time(tmp_path):
+    from rlhf_ray.loop.run import wait_for_feedback
+    from test_serve_feedback_store import completion
+
+    db = tmp_path / "feedback.db"
+    store = FeedbackStore(db)
+    store.record_completions([completion("c1", [" good", " bad"])])
+    store.add_feedback("c1", choice_index=0)
+    store.add_feedback("c1", rating=4)
+    store.close()
+    enough = config_with({}, feedback_db=str(db), min_new_feedback=2, poll_s=0.01)
+    assert wait_for_feedback(enough, {"records": 0, "labels": 0}, time.monotonic(), log=lambda _: None)["records"] == 2
+    # one new record is not enough, but every_minutes has passed since the last round
+    timed = config_with({}, feedback_db=str(db), min_new_feedback=50, every_minutes=0.01, poll_s=0.01)
+    said = []
+    counts = wait_for_feedback(timed, {"records": 1, "labels": 0}, time.monotonic(), log=said.append)
+    assert counts["records"] == 2 and said == ["[loop] waiting for feedback: 1 new of 50"]
