@@ -102,11 +102,17 @@ class Population:
             raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:300]}")
         return response.json()
 
-    async def ask(self, prompts: Sequence[str], n: int = 2, max_tokens: int = 16, seed: int = 0) -> list[dict]:
-        """Completions of `prompts` with `n` choices each (n >= 2 fills the "served" labelling queue)."""
-        return await asyncio.gather(*(self._call("POST", "/v1/completions", self._auth(), json={
-            "model": self.model, "prompt": prompt, "n": n, "max_tokens": max_tokens, "seed": seed + i})
-            for i, prompt in enumerate(prompts)))
+    async def ask(self, prompts: Sequence[str], n: int = 2, max_tokens: int = 16, seed: int = 0,
+                  chat: bool = False) -> list[dict]:
+        """Completions of `prompts` with `n` choices each (n >= 2 fills the "served" labelling queue); with
+        `chat`, each prompt is a user message to /v1/chat/completions (an instruct model's template)."""
+        def body(i: int, prompt: str) -> dict:
+            text = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+            return {"model": self.model, **text, "n": n, "max_tokens": max_tokens, "seed": seed + i}
+
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        return await asyncio.gather(*(self._call("POST", path, self._auth(), json=body(i, prompt))
+                                      for i, prompt in enumerate(prompts)))
 
     async def _labels(self, person: SimulatedPerson, queue: str, rate: float) -> int:
         done = 0

@@ -1,7 +1,8 @@
 """`rlhf-ray loop`: the gate's decisions and the version list by hand, and one whole round on a real Ray:
 the tiny policy served, simulated people giving feedback over HTTP, H and PPO trained from it, the
-candidate evaluated, gated and deployed while a client keeps sending requests (none fails), then a rollback
-that serves the start version's exact weights."""
+candidate evaluated, gated and deployed while a client keeps sending requests (none fails); a second
+candidate that fails the gate and is not deployed; then a rollback that serves the start version's exact
+weights."""
 
 import asyncio
 import json
@@ -15,7 +16,7 @@ from ray import serve
 
 from rlhf_ray.cli import main
 from rlhf_ray.config.schema import RunConfig
-from rlhf_ray.loop.round import gate
+from rlhf_ray.loop.round import begin_round, gate, run_round
 from rlhf_ray.loop.run import deploy_version, run_loop
 from rlhf_ray.loop.versions import format_versions, served, version_record, write_record
 from rlhf_ray.models import load_policy, parameters_digest
@@ -123,6 +124,14 @@ def test_one_round_serves_collects_trains_gates_deploys_and_rolls_back(tiny_mode
         assert served(run_dir)["id"] == "v0001" and served_now()["policy_version"] == "v0001"
         assert traffic.results[-1][1] == "v0001"  # the last requests were answered by the new version
 
+        # a candidate that fails the gate is not deployed: round 2 on the same feedback, a gate it cannot pass
+        strict = config.model_copy(update={"loop": config.loop.model_copy(update={
+            "gate": config.loop.gate.model_copy(update={"min_win_rate": 1.0, "max_kl": 1e-6})})})
+        folder = begin_round(run_dir, 2, version_record(run_dir, "v0001"))
+        rejected = run_round(strict.with_absolute_paths(), folder, lambda r: pytest.fail("deployed a rejected one"))
+        assert rejected["decision"] == "rejected" and "KL" in rejected["why"]
+        assert served(run_dir)["id"] == "v0001" and served_now()["policy_version"] == "v0001"
+
         # rollback: the start version's exact weights are served again, in the same replica
         before = served_now()
         deploy_version(run_dir, version_record(run_dir, "v0000"), how="rollback")
@@ -133,6 +142,7 @@ def test_one_round_serves_collects_trains_gates_deploys_and_rolls_back(tiny_mode
         log = [json.loads(line) for line in (run_dir / "versions/deploys.jsonl").read_text().splitlines()]
         assert [(e["id"], e["how"]) for e in log] == [("v0000", "deploy"), ("v0001", "deploy"),
                                                      ("v0000", "rollback")]
+        assert "v0002" in format_versions(run_dir) and "rejected" in format_versions(run_dir)
     finally:
         serve.shutdown()
         ray.shutdown()

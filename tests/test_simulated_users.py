@@ -45,7 +45,8 @@ def test_the_population_labels_what_the_served_policy_answered_as_its_score_says
 
     async def visit():
         async with population(site) as people:
-            await people.ask(PROMPTS, n=2, max_tokens=8)
+            await people.ask(PROMPTS[:4], n=2, max_tokens=8)
+            await people.ask(PROMPTS[4:], n=2, max_tokens=8, chat=True)  # chat-formatted prompts
             labelled = await people.label("served", rate=1.0)
             chats = await people.chat(PROMPTS[:4], max_tokens=8)
             return labelled, chats
@@ -53,6 +54,7 @@ def test_the_population_labels_what_the_served_policy_answered_as_its_score_says
     labelled, chats = asyncio.run(visit())
     served = store.queue("served")
     assert labelled == served["items"] > 0  # every item once (labels_per_item 1), by one of the two
+    assert any(label["prompt"].startswith("user: ") for label in store.label_records("served"))
     for label in store.label_records("served"):
         difference = sentiment_score(label["response_a"]) - sentiment_score(label["response_b"])
         expected = "tie" if abs(difference) <= 0.02 else "A" if difference > 0 else "B"
