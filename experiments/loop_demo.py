@@ -3,9 +3,11 @@ pairs they label, chats they rate or like) while the loop trains, evaluates, gat
 version from what they gave, round after round.
 
     python experiments/loop_demo.py [--out runs] [--rounds 2]
+    python experiments/loop_demo.py --config experiments/loop_smollm2.yaml --rounds 1 --chat \
+        --prompts experiments/data/tasks/start_word_train.jsonl --score envs.tasks:start_word_reward --ask 24
 
-The start policy is the SFT stage of experiments/pipeline_feedback.yaml (made first if missing); the loop is
-experiments/loop.yaml. The people (rlhf_ray.simulated_users) judge by the toy sentiment score plus their
+The loop is --config (default experiments/loop.yaml, whose start policy, the SFT stage of
+experiments/pipeline_feedback.yaml, is made first if missing). The people (rlhf_ray.simulated_users) judge by the toy sentiment score plus their
 own noise and keep giving feedback until the last round ends; every request they make must succeed,
 deploys included. The table is read from the version records the loop wrote.
 """
@@ -32,24 +34,26 @@ from rlhf_ray.simulated_users import Population, make_people  # noqa: E402
 PEOPLE = {"alice": 0.05, "bob": 0.10, "carol": 0.15}
 
 
-def prompts(count: int, start: int) -> list[str]:
+def prompts(path: Path, count: int, start: int) -> list[str]:
     import json
 
-    lines = (REPO / "experiments/data/prompts.jsonl").read_text().splitlines()
+    lines = path.read_text().splitlines()
     return [json.loads(lines[(start + i) % len(lines)])["prompt"] for i in range(count)]
 
 
-async def give_feedback(base_url: str, people, finished: threading.Event) -> dict:
-    """Rounds of use until the loop has finished: 40 questions answered twice and labelled, 20 chats."""
-    totals, start = {"requests": 0, "labels": 0, "ratings": 0, "likes": 0}, 0
+async def give_feedback(base_url: str, people, finished: threading.Event, args) -> dict:
+    """Rounds of use until the loop has finished: `ask` questions answered twice and labelled, half as many
+    chats rated or liked."""
+    totals, start, path = {"requests": 0, "labels": 0, "ratings": 0, "likes": 0}, 0, REPO / args.prompts
     async with Population(base_url, people, concurrency=8) as population:
         while not finished.is_set():
-            await population.ask(prompts(40, start), n=2, max_tokens=10, seed=start)
+            await population.ask(prompts(path, args.ask, start), n=2, max_tokens=args.max_tokens, seed=start,
+                                 chat=args.chat)
             totals["labels"] += await population.label("served", rate=0.5)
-            chats = await population.chat(prompts(20, start + 40), max_tokens=10)
+            chats = await population.chat(prompts(path, args.ask // 2, start + args.ask), max_tokens=args.max_tokens)
             totals["ratings"] += chats["ratings"]
             totals["likes"] += chats["likes"]
-            start += 60
+            start += args.ask + args.ask // 2
         totals["requests"] = population.requests
     return totals
 
@@ -58,11 +62,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--config", default="experiments/loop.yaml")
+    parser.add_argument("--prompts", default="experiments/data/prompts.jsonl", help="what the people ask")
+    parser.add_argument("--score", default="envs.builtin:sentiment_reward", help="how the people judge")
+    parser.add_argument("--chat", action="store_true", help="ask through chat completions (instruct models)")
+    parser.add_argument("--ask", type=int, default=40, help="questions per batch of use")
+    parser.add_argument("--max-tokens", type=int, default=10)
     args = parser.parse_args()
     began = time.perf_counter()
     out = Path(args.out).resolve()
     sft = out / "pipeline_feedback" / "sft"
-    if not (sft / "config.json").is_file():
+    needs_sft = args.config == "experiments/loop.yaml"
+    if needs_sft and not (sft / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "pipeline", "experiments/pipeline_feedback.yaml",
                         f"output_dir={out}", "--stages", "sft"], cwd=REPO, check=True)
     db = out / "loop_feedback.db"
@@ -72,10 +83,12 @@ def main() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = load_config(REPO / "experiments/loop.yaml", [
-        f"output_dir={out}", f"model.policy={sft}", f"reward_model.base={sft}", f"satisfaction_model.base={sft}",
-        f"reward_model.feedback_db={db}", f"satisfaction_model.feedback_db={db}", f"loop.feedback_db={db}",
-        f"loop.port={port}", f"loop.rounds={args.rounds}"])
+    overrides = [f"output_dir={out}", f"reward_model.feedback_db={db}", f"loop.feedback_db={db}",
+                 f"loop.port={port}", f"loop.rounds={args.rounds}"]
+    if needs_sft:
+        overrides += [f"model.policy={sft}", f"reward_model.base={sft}", f"satisfaction_model.base={sft}",
+                      f"satisfaction_model.feedback_db={db}"]
+    config = load_config(REPO / args.config, overrides)
     run_dir, finished, outcome = Path(config.run_dir), threading.Event(), {}
 
     def loop() -> None:
@@ -89,7 +102,7 @@ def main() -> None:
     while served(run_dir) is None and not finished.is_set():
         time.sleep(0.5)
     totals = asyncio.run(give_feedback(f"http://127.0.0.1:{port}", make_people(
-        "envs.builtin:sentiment_reward", PEOPLE, keys, seed=0), finished))
+        args.score, PEOPLE, keys, seed=0), finished, args))
     thread.join()
     if "versions" not in outcome:
         sys.exit("the loop failed (see above)")
@@ -106,7 +119,7 @@ def main() -> None:
               f"| {score} | {win} | {kl} | {v['decision']} | {minutes} |")
     first = next((v for v in list_versions(run_dir) if v.get("eval")), None)
     if first is not None:
-        print(f"\nv0000 (the SFT start) scores {first['eval']['served_score']:+.3f} on the same held-out prompts; "
+        print(f"\nv0000 (the start) scores {first['eval']['served_score']:+.3f} on the same held-out prompts; "
               f"serving {served(run_dir)['id']}; total {(time.perf_counter() - began) / 60:.1f} minutes")
 
 
