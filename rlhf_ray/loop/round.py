@@ -30,12 +30,9 @@ def feedback_counts(db: str | Path) -> dict:
 
     store = FeedbackStore(db, readonly=True)
     try:
-        records, labels = store.feedback_records(), store.label_records()
+        return store.counts()
     finally:
         store.close()
-    return {"records": len(records), "labels": len(labels),
-            "last_record_id": max((r["id"] for r in records), default=0),
-            "last_label_id": max((label["id"] for label in labels), default=0)}
 
 
 def round_config(config: RunConfig, folder: Path, parent_policy: str) -> RunConfig:

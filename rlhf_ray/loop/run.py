@@ -38,34 +38,27 @@ def start_serving(config: RunConfig, run_dir: Path) -> dict:
     """Serve the version of served.json (v0000, model.policy, the first time) on Ray Serve; its record."""
     from ray import serve
 
-    from rlhf_ray.serve.config import PolicyUpdate
-    from rlhf_ray.serve.deploy import deploy
-
     start = start_version(run_dir, config.model.policy)
     current = served(run_dir)
     record = version_record(run_dir, current["id"]) if current else start
-    server = serve_config(config, start["policy"])  # the app's args stay those of the first start
-    root = versions_dir(run_dir)
-    if (root / "serve.json").is_file():
-        from rlhf_ray.serve.config import ServeConfig
-
-        server = ServeConfig.model_validate_json((root / "serve.json").read_text())
-    else:
-        write_json(root / "serve.json", server.model_dump(mode="json"))
+    path = versions_dir(run_dir) / "serve.json"
+    if not path.is_file():  # the app's args stay those of the first start: later deploys are swaps
+        write_json(path, serve_config(config, start["policy"]).model_dump(mode="json"))
     serve.start(http_options={"host": config.loop.host, "port": config.loop.port})
-    deploy(server, PolicyUpdate(policy=record["policy"], policy_version=record["id"]))
-    if current is None:
-        mark_served(run_dir, record, "deploy")
+    deploy_version(run_dir, record, how="deploy" if current is None else None)
     return record
 
 
-def deploy_version(run_dir: Path, record: dict, how: str = "deploy") -> None:
+def deploy_version(run_dir: Path, record: dict, how: str | None = "deploy") -> None:
+    """Serve `record`'s version with the loop's saved ServeConfig; `how` is logged in deploys.jsonl (None:
+    a restart serving what served.json already says)."""
     from rlhf_ray.serve.config import PolicyUpdate, ServeConfig
     from rlhf_ray.serve.deploy import deploy
 
     server = ServeConfig.model_validate_json((versions_dir(run_dir) / "serve.json").read_text())
     deploy(server, PolicyUpdate(policy=record["policy"], policy_version=record["id"]))
-    mark_served(run_dir, record, how)
+    if how is not None:
+        mark_served(run_dir, record, how)
 
 
 def wait_for_feedback(config: RunConfig, since: dict, last_round: float, log=print) -> dict:

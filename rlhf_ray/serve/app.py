@@ -107,14 +107,13 @@ class PolicyServer:
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve calls this at start and on each change of `user_config`: serve the policy it names."""
-        from rlhf_ray.serve.policy import policy_version
-
         update = PolicyUpdate.model_validate(user_config or {})
-        if update.policy is None or (update.policy, update.policy_version) == (self.policy, self.policy_version):
-            return
+        if update.policy is None or (update.policy == self.policy
+                                     and update.policy_version in (None, self.policy_version)):
+            return  # already served
         # loading takes seconds: in a thread, while this replica's loop goes on answering
         loop = await asyncio.get_running_loop().run_in_executor(None, self._decode_loop, update.policy)
-        version = update.policy_version or policy_version(update.policy)
+        version = update.version()
         old, self.decode_loop = self.decode_loop, loop
         self.policy, self.policy_version = update.policy, version
         asyncio.get_running_loop().create_task(old.close_when_idle(timeout_s=DRAIN_TIMEOUT_S))
@@ -166,9 +165,7 @@ class OpenAIServer:
         """The served version for /v1/models (each response names the version that decoded it)."""
         update = PolicyUpdate.model_validate(user_config or {})
         if update.policy is not None:
-            from rlhf_ray.serve.policy import policy_version
-
-            self.policy_version = update.policy_version or policy_version(update.policy)
+            self.policy_version = update.version()
 
     # the Backend protocol of serve/api.py
 

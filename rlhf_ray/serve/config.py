@@ -23,6 +23,12 @@ class PolicyUpdate(BaseModel):
     policy: str | None = None  # a policy folder; None: the one of ServeConfig
     policy_version: str | None = None  # None: derived from the folder, as ServeConfig.policy_version
 
+    def version(self) -> str:
+        """The version it serves: `policy_version`, else the one derived from the policy folder."""
+        from rlhf_ray.serve.policy import policy_version
+
+        return self.policy_version or policy_version(self.policy)
+
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

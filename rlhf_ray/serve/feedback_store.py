@@ -184,6 +184,13 @@ class FeedbackStore(AnnotationStore):
                  created, annotator))
         return {"id": cursor.lastrowid, "completion_id": completion_id, "kind": kind, "created": int(created)}
 
+    def counts(self) -> dict:
+        """How many feedback records and labels the database holds, and their largest ids (one query each:
+        `rlhf-ray loop` polls this)."""
+        records, last_record = self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM feedback").fetchone()
+        labels, last_label = self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM labels").fetchone()
+        return {"records": records, "labels": labels, "last_record_id": last_record, "last_label_id": last_label}
+
     def feedback_records(self) -> list[dict]:
         """Every feedback row, oldest first, `rejected` as a list."""
         rows = self.db.execute("SELECT * FROM feedback ORDER BY id").fetchall()
