@@ -7,6 +7,7 @@ pages, and judge what they read by a scoring function plus their own noise.
         await population.label("served")            # A/B labels (and some 1..5 ratings) on /ui/api/labels
         await population.chat(prompts)              # chat turns, each liked, disliked or rated
         await population.judge("ppo_vs_sft")        # a blind study, taking turns (so each two share items)
+        await population.judge_open_studies()       # every study not yet complete (a loop round's gate)
 
 The scoring function is a reward spec as `rlhf-ray label --annotator scripted:SPEC` takes (`module:function`
 or a reward-model folder; the `scripted:` prefix is accepted). A person's worth of an answer is its score
@@ -167,3 +168,12 @@ class Population:
                     "choice": person.choose(item["prompt"], item["response_a"], item["response_b"])})
                 done += 1
         return done
+
+    async def open_studies(self) -> list[str]:
+        """The blind studies on the server with items still to judge."""
+        me = await self._call("GET", "/ui/api/me", self._auth(self.people[0]))
+        return [q["name"] for q in me["queues"] if q["source"] == "study" and q["done"] < q["items"]]
+
+    async def judge_open_studies(self) -> int:
+        """Judge every open study (as `judge`); the judgements given."""
+        return sum([await self.judge(name) for name in await self.open_studies()])

@@ -1,8 +1,8 @@
 """`rlhf-ray loop`: the gate's decisions and the version list by hand, and one whole round on a real Ray:
 the tiny policy served, simulated people giving feedback over HTTP, H and PPO trained from it, the
 candidate evaluated, gated and deployed while a client keeps sending requests (none fails); a second
-candidate that fails the gate and is not deployed; then a rollback that serves the start version's exact
-weights."""
+candidate, trained by DPO, whose gate waits for a blind study the people judge on the pages, and which fails
+the gate and is not deployed; then a rollback that serves the start version's exact weights."""
 
 import asyncio
 import json
@@ -15,9 +15,11 @@ import ray
 from ray import serve
 
 from rlhf_ray.cli import main
+from rlhf_ray.config.loop import HumanGateConfig
 from rlhf_ray.config.schema import RunConfig
 from rlhf_ray.loop.round import begin_round, gate, run_round
 from rlhf_ray.loop.run import deploy_version, run_loop
+from rlhf_ray.loop.study import create_study, human_summary, wait_for_study
 from rlhf_ray.loop.versions import format_versions, served, version_record, write_record
 from rlhf_ray.models import load_policy, parameters_digest
 from rlhf_ray.serve.app import APP_NAME
@@ -41,6 +43,51 @@ def test_the_gate_passes_a_candidate_only_on_every_rule():
         ("rejected", "win rate 0.600 < 0.65; KL 2.000 > 1.5")
 
 
+def test_the_gate_with_a_blind_study_needs_every_judgement_and_the_peoples_win_rate():
+    evaluation, rules = {"win_rate": 0.60, "kl": 2.0}, {"min_win_rate": 0.55,
+                                                        "human": {"prompts": 4, "min_win_rate": 0.5}}
+    study = {"items": 4, "labels": 8, "complete": True, "win_rate": {"rate": 0.625}}
+    assert gate(evaluation, config_with(rules), study) == \
+        ("deploy", "win rate 0.600 >= 0.55, people's win rate 0.625 >= 0.5")
+    assert gate(evaluation, config_with(rules), {**study, "win_rate": {"rate": 0.4375}}) == \
+        ("rejected", "people's win rate 0.438 < 0.5")
+    assert gate(evaluation, config_with(rules), {**study, "labels": 5, "complete": False}) == \
+        ("rejected", "the blind study has 5 of 8 judgements after 60 min")
+    assert gate(evaluation, config_with(rules), None) == ("rejected", "no blind study results")
+
+
+def test_a_rounds_blind_study_is_made_once_from_its_eval_and_waited_for_within_its_bound(tmp_path):
+    db, eval_json = tmp_path / "feedback.db", tmp_path / "eval.json"
+    store = FeedbackStore(db)
+    people = [store.add_annotator(name) and name for name in ("alice", "bob")]
+    store.close()
+    samples = [{"prompt_text": f"p{i}", "policy_response": f" new {i}", "reference_response": f" old {i}"}
+               for i in range(6)]
+    eval_json.write_text(json.dumps({"samples": samples}))
+    human = HumanGateConfig(prompts=4, labels_per_item=2, wait_minutes=1.0)
+    made = create_study(db, "loop-r-v0001", eval_json, human, 0, "v0001/policy", "v0000/policy")
+    assert (made["items"], made["labels_per_item"], made["source"]) == (4, 2, "study")
+    # started again (a crash after it was made): the same study, not a second one
+    assert create_study(db, "loop-r-v0001", eval_json, human, 0, "a", "b")["created"] == made["created"]
+    clock = [made["created"]]
+    lines = []
+    waited = wait_for_study(db, "loop-r-v0001", human, 0.01, lines.append, clock=lambda: clock.pop(0) if clock
+                            else made["created"] + 61)
+    assert waited["timed_out"] and waited["labels"] == 0 and lines == [
+        "[loop] waiting for the blind study loop-r-v0001 at /ui/eval?queue=loop-r-v0001: 0 of 8 judgements"]
+    store = FeedbackStore(db)
+    for person in people:  # alice prefers the new answer everywhere, bob on half of the items
+        while (item := store.next_item("loop-r-v0001", person)["item"]) is not None:
+            new_is_a = item["response_a"].startswith("new")
+            prefers_new = person == "alice" or int(item["prompt"][1:]) % 2 == 0
+            store.add_label("loop-r-v0001", item["id"], person, choice="A" if new_is_a == prefers_new else "B")
+    assert store.counts()["labels"] == 0  # a study's judgements are not training feedback
+    store.close()
+    results = wait_for_study(db, "loop-r-v0001", human, 0.01, lines.append)
+    assert not results["timed_out"] and results["complete"] and results["win_rate"]["rate"] == 6 / 8
+    assert human_summary(results)["agreement"][0]["agreed"] == 2
+
+
 def test_versions_lists_each_round_and_rollback_names_what_is_missing(tmp_path, capsys):
     root = tmp_path / "run" / "versions"
     write_record(root / "v0000", {"id": "v0000", "number": 0, "policy": "p0", "parent": None, "steps": ["deploy"],
@@ -48,14 +95,15 @@ def test_versions_lists_each_round_and_rollback_names_what_is_missing(tmp_path, 
     write_record(root / "v0001", {"id": "v0001", "number": 1, "policy": "p1", "parent": "v0000",
                                   "steps": ["feedback", "train", "eval", "gate", "deploy"], "decision": "rejected",
                                   "eval": {"win_rate": 0.41, "kl": 0.8, "score": 0.12, "served_score": 0.2},
-                                  "feedback": {"records": 30, "labels": 20}})
+                                  "human": {"win_rate": {"rate": 0.375}}, "feedback": {"records": 30, "labels": 20}})
     write_record(root / "v0002", {"id": "v0002", "number": 2, "policy": "p2", "parent": "v0000",
                                   "steps": ["feedback"], "feedback": {"records": 60, "labels": 40}})
     (root / "served.json").write_text(json.dumps({"id": "v0000", "policy": "p0"}))
     table = format_versions(tmp_path / "run").splitlines()
-    assert table[1].split() == ["v0000", "-", "0+0", "-", "-", "-", "deploy", "*"]
-    assert table[2].split() == ["v0001", "v0000", "30+20", "+0.120", "(+0.200)", "0.410", "0.800", "rejected"]
-    assert table[3].split()[:7] == ["v0002", "v0000", "60+40", "-", "-", "-", "in"]
+    assert table[1].split() == ["v0000", "-", "0+0", "-", "-", "-", "-", "deploy", "*"]
+    assert table[2].split() == ["v0001", "v0000", "30+20", "+0.120", "(+0.200)", "0.410", "0.375", "0.800",
+                                "rejected"]
+    assert table[3].split()[:8] == ["v0002", "v0000", "60+40", "-", "-", "-", "-", "in"]
     assert main(["versions", str(tmp_path / "run")]) == 0 and "v0002" in capsys.readouterr().out
     assert main(["rollback", str(tmp_path / "run"), "v0009"]) == 1
     assert "has no version 'v0009' (versions: v0000, v0001, v0002)" in capsys.readouterr().err
@@ -81,6 +129,17 @@ def loop_config(tmp_path, policy, port: int, db: Path) -> RunConfig:
                  "serve": {"model_name": "looped", "num_cpus": 0.5, "max_tokens_limit": 32,
                            "default_max_tokens": 8}},
     })
+
+
+async def judge_the_study(base_url: str, keys: dict) -> int:
+    """alice and bob wait (at most 10 minutes) for a blind study to appear, and judge it."""
+    people = make_people("envs.builtin:sentiment_reward", {"alice": 0.05, "bob": 0.05}, keys)
+    async with Population(base_url, people) as population:
+        deadline = time.monotonic() + 600
+        while not await population.open_studies():
+            assert time.monotonic() < deadline, "no blind study appeared within 600 s"
+            await asyncio.sleep(0.5)
+        return await population.judge_open_studies()
 
 
 def served_now(weights: bool = False) -> dict:
@@ -124,12 +183,28 @@ def test_one_round_serves_collects_trains_gates_deploys_and_rolls_back(tiny_mode
         assert served(run_dir)["id"] == "v0001" and served_now()["policy_version"] == "v0001"
         assert traffic.results[-1][1] == "v0001"  # the last requests were answered by the new version
 
-        # a candidate that fails the gate is not deployed: round 2 on the same feedback, a gate it cannot pass
-        strict = config.model_copy(update={"loop": config.loop.model_copy(update={
-            "gate": config.loop.gate.model_copy(update={"min_win_rate": 1.0, "max_kl": 1e-6})})})
+        # a candidate that fails the gate is not deployed: round 2 trains DPO (from the served v0001, on all the
+        # feedback), and its gate also asks people for a blind study on the pages, which alice and bob judge
+        # over HTTP while the round waits; the gate's win rate of 1.0 it cannot reach
+        fields = config.model_dump()
+        fields.update(reward_model=None, dpo={"base": str(tiny_model_dir), "feedback_db": str(db), "epochs": 2, "lr": 1.0e-3,
+                           "batch_size": 8},
+                      reward={"components": {"sentiment": {"function": "envs.builtin:sentiment_reward"}}})
+        fields["loop"]["gate"].update(min_win_rate=1.0, max_kl=1e-6, human={"prompts": 6, "labels_per_item": 2})
+        strict = RunConfig.model_validate(fields)
+        judged = []
+        judges = threading.Thread(target=lambda: judged.append(asyncio.run(judge_the_study(base_url, keys))))
+        judges.start()
         folder = begin_round(run_dir, 2, version_record(run_dir, "v0001"))
         rejected = run_round(strict.with_absolute_paths(), folder, lambda r: pytest.fail("deployed a rejected one"))
-        assert rejected["decision"] == "rejected" and "KL" in rejected["why"]
+        judges.join(timeout=60)
+        assert rejected["steps"] == ["feedback", "train", "eval", "human", "gate", "deploy"]
+        assert rejected["policy"] == str(folder / "dpo") and (folder / "dpo" / "summary.json").is_file()
+        assert judged == [12] and rejected["human"]["complete"] and rejected["human"]["labels"] == 12
+        assert rejected["human"]["study"] == "loop-looped-v0002" and rejected["human"]["agreement"][0]["items"] == 6
+        # (the k1 KL estimate on 16 prompts may come out at or below 0, so the why is checked against the numbers)
+        assert rejected["decision"] == "rejected" and rejected["why"] == gate(rejected["eval"], strict,
+                                                                               rejected["human"])[1]
         assert served(run_dir)["id"] == "v0001" and served_now()["policy_version"] == "v0001"
 
         # rollback: the start version's exact weights are served again, in the same replica

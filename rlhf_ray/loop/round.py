@@ -3,9 +3,14 @@
     feedback  export every feedback record and label so far (as `rlhf-ray feedback export`) into the
               version folder: the round's training set, fixed once written
     train     the reward model H and the satisfaction model S on it (the config's stages), then PPO (or the
-              critic-free method of `ppo.advantage`) from the served version, with the KL to it in the loss
+              critic-free method of `ppo.advantage_estimator`) from the served version, with the KL to it in
+              the loss; or, when the config has a `dpo:` section, DPO from the served version on the
+              round's preference pairs (the served version its reference), with no reward model or sampling
     eval      the candidate against the served version on held-out prompts (`rlhf-ray eval`'s report)
-    gate      deploy only if the judge's win rate and the KL pass `loop.gate`
+    human     only with `loop.gate.human`: a blind study of the eval's answers on the pages (loop/study.py),
+              waited for
+    gate      deploy only if the judge's win rate, the KL and (when configured) the people's win rate pass
+              `loop.gate`
     deploy    the zero-downtime swap (serve/deploy.py), and served.json
 
 Each step is recorded in version.json when it has finished; a round started again (after a crash) goes on
@@ -19,9 +24,10 @@ import time
 from pathlib import Path
 
 from rlhf_ray.config.schema import RunConfig
+from rlhf_ray.loop.study import create_study, human_summary, study_name, wait_for_study
 from rlhf_ray.loop.versions import read_record, version_id, versions_dir, write_record
 
-STEPS = ("feedback", "train", "eval", "gate", "deploy")
+STEPS = ("feedback", "train", "eval", "human", "gate", "deploy")  # "human" with loop.gate.human only
 
 
 def feedback_counts(db: str | Path) -> dict:
@@ -37,17 +43,25 @@ def feedback_counts(db: str | Path) -> dict:
 
 def round_config(config: RunConfig, folder: Path, parent_policy: str) -> RunConfig:
     """The run config of a round: {run} is the version folder, the policy and the KL reference the served
-    version, H and S on the round's exported feedback."""
+    version, H, S and DPO on the round's exported feedback (DPO from the served version)."""
     from rlhf_ray.data.config import DatasetConfig
 
-    update: dict = {"output_dir": str(folder.parent), "name": folder.name, "sft": None, "dpo": None, "loop": None,
+    update: dict = {"output_dir": str(folder.parent), "name": folder.name, "sft": None, "loop": None,
                     "model": config.model.model_copy(update={"policy": parent_policy, "reference": None})}
-    for stage, name in (("reward_model", "preferences.jsonl"), ("satisfaction_model", "ratings.jsonl")):
+    for stage, name in (("reward_model", "preferences.jsonl"), ("satisfaction_model", "ratings.jsonl"),
+                        ("dpo", "preferences.jsonl")):
         section = getattr(config, stage)
         if section is not None:
             update[stage] = section.model_copy(update={
-                "data": DatasetConfig(path=str(folder / "feedback" / name)), "feedback_db": None})
+                "data": DatasetConfig(path=str(folder / "feedback" / name)), "feedback_db": None,
+                **({"base": parent_policy} if stage == "dpo" else {})})
     return config.model_copy(update=update)
+
+
+def train_stages(config: RunConfig) -> tuple[str, ...]:
+    """The pipeline stages a round runs: H and S where configured, then DPO if configured, else PPO."""
+    stages = tuple(s for s in ("reward_model", "satisfaction_model") if getattr(config, s) is not None)
+    return (*stages, "dpo" if config.dpo is not None else "ppo")
 
 
 def eval_args(folder: Path, config: RunConfig, parent_policy: str) -> argparse.Namespace:
@@ -58,18 +72,30 @@ def eval_args(folder: Path, config: RunConfig, parent_policy: str) -> argparse.N
                               study=None)
 
 
-def gate(evaluation: dict, config: RunConfig) -> tuple[str, str]:
-    """("deploy" | "rejected", why) for the candidate's evaluation against the served version."""
+def gate(evaluation: dict, config: RunConfig, human: dict | None = None) -> tuple[str, str]:
+    """("deploy" | "rejected", why) for the candidate's evaluation against the served version (and the
+    blind study's results, with loop.gate.human)."""
     rules = config.loop.gate
-    failed = []
+    failed, passed = [], [f"win rate {evaluation['win_rate']:.3f} >= {rules.min_win_rate}"]
     if evaluation["win_rate"] < rules.min_win_rate:
         failed.append(f"win rate {evaluation['win_rate']:.3f} < {rules.min_win_rate}")
-    if rules.max_kl is not None and evaluation["kl"] > rules.max_kl:
-        failed.append(f"KL {evaluation['kl']:.3f} > {rules.max_kl}")
+    if rules.max_kl is not None:
+        if evaluation["kl"] > rules.max_kl:
+            failed.append(f"KL {evaluation['kl']:.3f} > {rules.max_kl}")
+        passed.append(f"KL {evaluation['kl']:.3f} <= {rules.max_kl}")
+    if rules.human is not None:
+        if human is None:
+            failed.append("no blind study results")
+        elif not human["complete"]:
+            failed.append(f"the blind study has {human['labels']} of {human['items'] * rules.human.labels_per_item} "
+                          f"judgements after {rules.human.wait_minutes:g} min")
+        elif human["win_rate"]["rate"] < rules.human.min_win_rate:
+            failed.append(f"people's win rate {human['win_rate']['rate']:.3f} < {rules.human.min_win_rate}")
+        else:
+            passed.append(f"people's win rate {human['win_rate']['rate']:.3f} >= {rules.human.min_win_rate}")
     if failed:
         return "rejected", "; ".join(failed)
-    return "deploy", f"win rate {evaluation['win_rate']:.3f} >= {rules.min_win_rate}" + (
-        f", KL {evaluation['kl']:.3f} <= {rules.max_kl}" if rules.max_kl is not None else "")
+    return "deploy", ", ".join(passed)
 
 
 def begin_round(run_dir: Path, number: int, parent: dict) -> Path:
@@ -103,10 +129,9 @@ def run_round(config: RunConfig, folder: Path, deploy_fn, address: str | None = 
         done("feedback", feedback={**counts, "pairs": summary.pairs, "rated": summary.rated,
                                    "left_out": summary.left_out().removeprefix("; left out: ")})
     if "train" not in record["steps"]:
-        stages = tuple(s for s in ("reward_model", "satisfaction_model") if getattr(config, s) is not None)
-        run_pipeline(round_config(config, folder, record["parent_policy"]), address=address,
-                     stages=(*stages, "ppo"))
-        done("train")
+        stages = train_stages(config)
+        run_pipeline(round_config(config, folder, record["parent_policy"]), address=address, stages=stages)
+        done("train", **({"policy": str(folder / "dpo")} if "dpo" in stages else {}))
     if "eval" not in record["steps"]:
         _, result, _ = run_eval(eval_args(folder, config, record["parent_policy"]))
         judged = [(s.policy_judge, s.reference_judge) for s in result.samples]
@@ -114,8 +139,15 @@ def run_round(config: RunConfig, folder: Path, deploy_fn, address: str | None = 
                            "score": sum(p for p, _ in judged) / len(judged),  # the judge's mean, candidate
                            "served_score": sum(r for _, r in judged) / len(judged),  # and served version
                            "reward": result.policy["reward"], "served_reward": result.reference["reward"]})
+    human = config.loop.gate.human
+    if human is not None and "human" not in record["steps"]:
+        name = study_name(config.name, record["id"])
+        create_study(db, name, folder / "eval" / "eval.json", human, config.seed, record["policy"],
+                     record["parent_policy"])
+        results = wait_for_study(db, name, human, config.loop.poll_s, log)
+        done("human", human=human_summary(results))
     if "gate" not in record["steps"]:
-        decision, why = gate(record["eval"], config)
+        decision, why = gate(record["eval"], config, record.get("human"))
         done("gate", decision=decision, why=why)
         log(f"[loop] {record['id']}: {decision} ({why})")
     if "deploy" not in record["steps"]:

@@ -92,17 +92,19 @@ def mark_served(run_dir: str | Path, record: dict, how: str) -> dict:
 
 def format_versions(run_dir: str | Path) -> str:
     """The table of `rlhf-ray versions RUN`: the score is the judge's mean on the held-out prompts of the
-    round's eval, the candidate's and (in brackets) the served parent's."""
+    round's eval, the candidate's and (in brackets) the served parent's; people: the blind study's win rate
+    (loop.gate.human)."""
     current = (served(run_dir) or {}).get("id")
-    rows = [("version", "parent", "feedback", "score", "win rate", "KL", "decision", "served")]
+    rows = [("version", "parent", "feedback", "score", "win rate", "people", "KL", "decision", "served")]
     for r in list_versions(run_dir):
         evaluation = r.get("eval") or {}
         win = f"{evaluation['win_rate']:.3f}" if "win_rate" in evaluation else "-"
         kl = f"{evaluation['kl']:.3f}" if "kl" in evaluation else "-"
-        feedback = r.get("feedback") or {}
+        feedback, human = r.get("feedback") or {}, (r.get("human") or {}).get("win_rate")
+        people = f"{human['rate']:.3f}" if human else "-"
         score = f"{evaluation['score']:+.3f} ({evaluation['served_score']:+.3f})" if "score" in evaluation else "-"
         rows.append((r["id"], r.get("parent") or "-", f"{feedback.get('records', 0)}+{feedback.get('labels', 0)}",
-                     score, win, kl, r.get("decision") or f"in progress ({', '.join(r.get('steps', [])) or 'started'})",
+                     score, win, people, kl, r.get("decision") or f"in progress ({', '.join(r.get('steps', [])) or 'started'})",
                      "*" if r["id"] == current else ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)

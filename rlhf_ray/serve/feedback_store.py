@@ -185,10 +185,12 @@ class FeedbackStore(AnnotationStore):
         return {"id": cursor.lastrowid, "completion_id": completion_id, "kind": kind, "created": int(created)}
 
     def counts(self) -> dict:
-        """How many feedback records and labels the database holds, and their largest ids (one query each:
-        `rlhf-ray loop` polls this)."""
+        """How many feedback records and labels (blind studies' judgements aside: they are not training data)
+        the database holds, and their largest ids (one query each: `rlhf-ray loop` polls this)."""
         records, last_record = self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM feedback").fetchone()
-        labels, last_label = self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM labels").fetchone()
+        labels, last_label = self.db.execute(
+            "SELECT COUNT(*), COALESCE(MAX(l.id), 0) FROM labels l JOIN items i ON i.id = l.item_id "
+            "JOIN queues q ON q.name = i.queue WHERE q.source != 'study'").fetchone()
         return {"records": records, "labels": labels, "last_record_id": last_record, "last_label_id": last_label}
 
     def feedback_records(self) -> list[dict]:
