@@ -43,8 +43,9 @@ def prompts(path: Path, count: int, start: int) -> list[str]:
 
 async def give_feedback(base_url: str, people, finished: threading.Event, args) -> dict:
     """Rounds of use until the loop has finished: `ask` questions answered twice and labelled, half as many
-    chats rated or liked."""
-    totals, start, path = {"requests": 0, "labels": 0, "ratings": 0, "likes": 0}, 0, REPO / args.prompts
+    chats rated or liked, and any blind study a round's gate waits for judged."""
+    totals = {"requests": 0, "labels": 0, "ratings": 0, "likes": 0, "judgements": 0}
+    start, path = 0, REPO / args.prompts
     async with Population(base_url, people, concurrency=8) as population:
         while not finished.is_set():
             await population.ask(prompts(path, args.ask, start), n=2, max_tokens=args.max_tokens, seed=start,
@@ -53,6 +54,7 @@ async def give_feedback(base_url: str, people, finished: threading.Event, args) 
             chats = await population.chat(prompts(path, args.ask // 2, start + args.ask), max_tokens=args.max_tokens)
             totals["ratings"] += chats["ratings"]
             totals["likes"] += chats["likes"]
+            totals["judgements"] += await population.judge_open_studies()  # a round's blind study (loop.gate.human)
             start += args.ask + args.ask // 2
         totals["requests"] = population.requests
     return totals
@@ -107,16 +109,18 @@ def main() -> None:
     if "versions" not in outcome:
         sys.exit("the loop failed (see above)")
     print(f"\npeople: {totals['requests']} requests, none failed; {totals['labels']} labels, "
-          f"{totals['ratings']} chat ratings, {totals['likes']} likes")
+          f"{totals['ratings']} chat ratings, {totals['likes']} likes, {totals['judgements']} blind-study judgements")
     print("\n| version | parent | feedback used (records + labels) | held-out sentiment | win rate vs parent "
-          "| KL to parent | decision | round minutes |\n|---|---|---|---|---|---|---|---|")
+          "| people's win rate | KL to parent | decision | round minutes |\n|---|---|---|---|---|---|---|---|---|")
     for v in list_versions(run_dir):
         evaluation, feedback = v.get("eval") or {}, v.get("feedback") or {}
         minutes = f"{(v['finished'] - v['created']) / 60:.1f}" if "finished" in v else "-"
         score, win, kl = ((f"{evaluation['score']:+.3f}", f"{evaluation['win_rate']:.3f}", f"{evaluation['kl']:.2f}")
                           if evaluation else ("-", "-", "-"))
+        people = (v.get("human") or {}).get("win_rate")
+        people = (f"{people['rate']:.3f} [{people['low']:.2f}, {people['high']:.2f}]" if people else "-")
         print(f"| {v['id']} | {v.get('parent') or '-'} | {feedback.get('records', 0)} + {feedback.get('labels', 0)} "
-              f"| {score} | {win} | {kl} | {v['decision']} | {minutes} |")
+              f"| {score} | {win} | {people} | {kl} | {v['decision']} | {minutes} |")
     first = next((v for v in list_versions(run_dir) if v.get("eval")), None)
     if first is not None:
         print(f"\nv0000 (the start) scores {first['eval']['served_score']:+.3f} on the same held-out prompts; "

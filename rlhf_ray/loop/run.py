@@ -1,9 +1,10 @@
 """`rlhf-ray loop CONFIG`: serve the policy and, each round, train, evaluate, gate and deploy the next version
 from the feedback it collected (loop/round.py), on the same Ray cluster as the server.
 
-    users ──► served version ──► feedback.db ──(min_new_feedback, or every_minutes)──► round k:
-      ▲          (Ray Serve)                      export → H, S → PPO from the served version → eval → gate
-      └──────────── zero-downtime swap ◄───────────────────────────────────────────── deploy (if it passes)
+    users ──► served version ──► feedback.db ──(min_new_feedback or every_minutes)──► round k: export →
+      ▲          (Ray Serve)          ▲        H, S → PPO (or DPO) from the served version → eval → gate
+      │                               └── people's blind study (loop.gate.human) ◄──────────┘    │
+      └──────────── zero-downtime swap ◄─────────────────────────────────── deploy (if it passes) ┘
 
 A round that fails (a stage's error, a failed eval) is reported and leaves the served version as it was; the
 loop then stops, since the same data would fail the same way. Killed and started again, the loop serves

@@ -103,8 +103,8 @@ def format_versions(run_dir: str | Path) -> str:
         feedback, human = r.get("feedback") or {}, (r.get("human") or {}).get("win_rate")
         people = f"{human['rate']:.3f}" if human else "-"
         score = f"{evaluation['score']:+.3f} ({evaluation['served_score']:+.3f})" if "score" in evaluation else "-"
+        decision = r.get("decision") or f"in progress ({', '.join(r.get('steps', [])) or 'started'})"
         rows.append((r["id"], r.get("parent") or "-", f"{feedback.get('records', 0)}+{feedback.get('labels', 0)}",
-                     score, win, people, kl, r.get("decision") or f"in progress ({', '.join(r.get('steps', [])) or 'started'})",
-                     "*" if r["id"] == current else ""))
+                     score, win, people, kl, decision, "*" if r["id"] == current else ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
