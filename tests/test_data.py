@@ -257,6 +257,17 @@ def test_format_prompt_wraps_a_user_turn_for_a_chat_model(chat_tokenizer):
     assert format_prompt(chat_tokenizer, "hello there", chat=False) == "hello there"
 
 
+def test_a_prompt_already_in_the_chat_template_is_not_wrapped_twice(chat_tokenizer):
+    # a served chat's prompt as `rlhf-ray feedback export` writes it, with a system turn of its own
+    rendered = chat_tokenizer.apply_chat_template([{"role": "system", "content": "be kind"},
+                                                   {"role": "user", "content": "hello there"}],
+                                                  add_generation_prompt=True, tokenize=False)
+    assert format_prompt(chat_tokenizer, rendered, chat=True) == rendered
+    assert format_records([PreferenceRecord(rendered, "a", "b")], chat_tokenizer)[0].prompt == rendered
+    # a prompt that merely mentions the template's tokens midway is still wrapped
+    assert format_prompt(chat_tokenizer, "what does <|im_end|> mean?", chat=True).count("<|im_start|>user") == 1
+
+
 def test_chat_template_auto_applies_only_when_the_tokenizer_has_one(chat_tokenizer):
     from rlhf_ray.models import build_tiny_tokenizer
 

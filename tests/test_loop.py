@@ -6,6 +6,8 @@ the gate and is not deployed; then a rollback that serves the start version's ex
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from rlhf_ray.cli import main
 from rlhf_ray.config.loop import HumanGateConfig
 from rlhf_ray.config.schema import RunConfig
 from rlhf_ray.loop.round import begin_round, gate, run_round
-from rlhf_ray.loop.run import deploy_version, run_loop
+from rlhf_ray.loop.run import run_loop
 from rlhf_ray.loop.study import create_study, human_summary, wait_for_study
 from rlhf_ray.loop.versions import format_versions, served, version_record, write_record
 from rlhf_ray.models import load_policy, parameters_digest
@@ -207,9 +209,13 @@ def test_one_round_serves_collects_trains_gates_deploys_and_rolls_back(tiny_mode
                                                                                rejected["human"])[1]
         assert served(run_dir)["id"] == "v0001" and served_now()["policy_version"] == "v0001"
 
-        # rollback: the start version's exact weights are served again, in the same replica
+        # rollback, by `rlhf-ray rollback` from another process on this Ray: the start version's exact weights
+        # are served again, in the same replica
         before = served_now()
-        deploy_version(run_dir, version_record(run_dir, "v0000"), how="rollback")
+        command = [sys.executable, "-m", "rlhf_ray.cli", "rollback", str(run_dir), "v0000",
+                   "--address", ray.get_runtime_context().gcs_address]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and f"serving v0000 ({tiny_model_dir})" in done.stdout, done.stderr[-2000:]
         after = served_now(weights=True)
         model, _ = load_policy(str(tiny_model_dir))
         assert after["weights"] == parameters_digest(model) and after["replica"] == before["replica"]
@@ -229,8 +235,6 @@ def test_a_loop_killed_mid_round_finishes_that_round_once_when_started_again(tin
     again, it serves the version it served and completes the same round: no gap, no duplicate."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from rlhf_ray.config import dump_config
 
@@ -289,13 +293,10 @@ def test_a_loop_killed_mid_round_finishes_that_round_once_when_started_again(tin
 
 @pytest.mark.slow
 def test_two_rounds_deploy_twice_and_raise_the_held_out_score_each_time(tmp_path):
-    """experiments/loop_demo.py as the README runs it (about 9 minutes): the SFT start, three simulated people
+    """experiments/loop_demo.py as the README runs it (about 10 minutes): the SFT start, three simulated people
     using the served policy the whole time (any failed request stops the demo), two rounds, each gated by the
     judge, the KL and the people's blind study. Each deployed version beats its parent on the 64 held-out
     prompts by at least 0.05 of the judge's mean (sentiment, in [-1, 1])."""
-    import subprocess
-    import sys
-
     from rlhf_ray.loop.versions import list_versions
 
     done = subprocess.run([sys.executable, "experiments/loop_demo.py", "--out", str(tmp_path), "--rounds", "2"],

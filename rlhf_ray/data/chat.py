@@ -31,12 +31,27 @@ def use_chat_template(tokenizer, chat_template: bool | None) -> bool:
     return chat_template
 
 
+def _turn_end(tokenizer) -> str:
+    """What the template puts after a user message's text: the end of the turn and the generation prompt
+    (ChatML: "<|im_end|>\\n<|im_start|>assistant\\n")."""
+    marker = "\x00user-text\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                         tokenize=False)
+    return text[text.index(marker) + len(marker):]
+
+
 def format_prompt(tokenizer, prompt_text: str, chat: bool) -> str:
-    """`prompt_text` as one user turn followed by the assistant's generation prompt when `chat`, else as is."""
+    """`prompt_text` as one user turn followed by the assistant's generation prompt when `chat`, else as is.
+    A prompt that already ends with the template's end of a user turn and generation prompt is a rendered
+    conversation (a served chat's prompt in an exported feedback file, say) and is left as it is: wrapping
+    it again would train on text the model never read."""
     if not chat:
         return prompt_text
     if not has_chat_template(tokenizer):
         raise DataError("format_prompt(chat=True) needs a tokenizer with a chat template")
+    end = _turn_end(tokenizer)
+    if end.strip() and prompt_text.endswith(end):
+        return prompt_text
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}],
                                          add_generation_prompt=True, tokenize=False)
 

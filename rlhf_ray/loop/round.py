@@ -44,7 +44,7 @@ def feedback_counts(db: str | Path) -> dict:
 def round_config(config: RunConfig, folder: Path, parent_policy: str) -> RunConfig:
     """The run config of a round: {run} is the version folder, the policy and the KL reference the served
     version, H, S and DPO on the round's exported feedback (DPO from the served version)."""
-    from rlhf_ray.data.config import DatasetConfig
+    from rlhf_ray.pipeline.stages import feedback_dataset
 
     update: dict = {"output_dir": str(folder.parent), "name": folder.name, "sft": None, "loop": None,
                     "model": config.model.model_copy(update={"policy": parent_policy, "reference": None})}
@@ -53,7 +53,7 @@ def round_config(config: RunConfig, folder: Path, parent_policy: str) -> RunConf
         section = getattr(config, stage)
         if section is not None:
             update[stage] = section.model_copy(update={
-                "data": DatasetConfig(path=str(folder / "feedback" / name)), "feedback_db": None,
+                "data": feedback_dataset(config, folder / "feedback" / name), "feedback_db": None,
                 **({"base": parent_policy} if stage == "dpo" else {})})
     return config.model_copy(update=update)
 

@@ -51,12 +51,21 @@ def check_wiring(config: RunConfig) -> None:
                 raise StageError(f"{key} is {path!r}, but the config has no '{stage}' section to make it")
 
 
+def feedback_dataset(config: RunConfig, path: str | Path):
+    """An exported feedback file as a stage's data, its prompts formatted as the run formats the prompts the
+    reward then scores (`data.prompt_dataset.chat_template`; a served chat's prompt, already rendered in the
+    template, is kept as it is by `format_prompt`)."""
+    from rlhf_ray.data.config import DatasetConfig
+
+    prompts = config.data.prompt_dataset
+    return DatasetConfig(path=str(path), chat_template=None if prompts is None else prompts.chat_template)
+
+
 def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
     """`config` with `<stage>.data` what it trains on, exported from `<stage>.feedback_db` into
     {run}/<stage>_feedback/ as `rlhf-ray feedback export` writes it: DPO's preference pairs (ties left out and
     counted) for DPO and the reward model, the satisfaction model's ratings and likes (the latest of each answer
     and person, and the labelling pages' ratings)."""
-    from rlhf_ray.data.config import DatasetConfig
     from rlhf_ray.serve.feedback_export import export_feedback
 
     section = getattr(config, stage)
@@ -76,7 +85,7 @@ def export_stage_feedback(config: RunConfig, stage: str) -> RunConfig:
     if count == 0:
         raise StageError(f"{stage}.feedback_db: {db} holds no {what} to train on ({found}{summary.left_out(of)})")
     # the stage's ranks read the exported file (a config names one source: the database is done with)
-    updated = section.model_copy(update={"data": DatasetConfig(path=str(path)), "feedback_db": None})
+    updated = section.model_copy(update={"data": feedback_dataset(config, path), "feedback_db": None})
     return RunConfig.model_validate({**config.model_dump(), stage: updated.model_dump()})
 
 
