@@ -128,6 +128,24 @@ def _preallocated_layer_class():
             self.keys = self._key_buffer[:, :, :self.length]  # (B, H, length, D) views
             self.values = self._value_buffer[:, :, :self.length]
 
+        def start_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """Begin with these (k, H, L, D) keys and values as columns [0, L) (copied)."""
+            self.device = keys.device
+            self._key_buffer = keys.new_empty((*keys.shape[:2], self.capacity, keys.shape[-1]))
+            self._value_buffer = values.new_empty((*values.shape[:2], self.capacity, values.shape[-1]))
+            self._key_buffer[:, :, :keys.shape[-2]] = keys
+            self._value_buffer[:, :, :values.shape[-2]] = values
+            self.length, self.is_initialized = keys.shape[-2], True
+            self._refresh_views()
+
+        def add_columns(self, width: int) -> None:
+            """`width` more columns after the last one, zero in every row (`write_rows` fills some rows')."""
+            end = self.length + width
+            self._key_buffer[:, :, self.length:end] = 0
+            self._value_buffer[:, :, self.length:end] = 0
+            self.length = end
+            self._refresh_views()
+
         def write_rows(self, rows: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
             """Copy another cache's (k, H, w, D) keys and values into `rows`, columns [start, start + w)."""
             end = start + keys.shape[-2]
@@ -179,7 +197,7 @@ class DecodeBatch:
 
     Columns are shared by all rows (column j of every row's cache was written by the same forward pass);
     a row's real tokens are the columns its mask marks. A row is live from its prompt until the caller
-    `retire`s it; a retired row is filler (decoded with the others, never read) until `refill` puts a new
+    `retire`s it, and `extend` appends tokens it did not sample (a multi-turn environment's) to it; a retired row is filler (decoded with the others, never read) until `refill` puts a new
     prompt into it or `keep_rows` drops it; `add_rows` makes more rows. `refill` prefills new prompts in a
     forward pass of their own and copies their keys and values into the rows, right-aligned to the last
     column written, so they continue with the next decoding step like the others; a prompt wider than the
@@ -280,6 +298,39 @@ class DecodeBatch:
         self.start[rows] = self.length - lengths.cpu().numpy()
         self.live[rows] = True
         self.next_position[index] = lengths
+        return logits
+
+    def extend(self, rows: np.ndarray, token_ids: list) -> torch.Tensor:
+        """Append tokens that were not sampled (the environment's: a user's reply, a tool's output, the next
+        turn's header) to the live sequences in `rows`; their next-token logits (k, V).
+
+        What the rows' cache holds stays: one forward pass over the new tokens of these rows alone, on a copy
+        of their cache, whose new keys and values are written back. The new tokens are right-aligned to the
+        new last column, like `refill`'s prompts; the new columns are holes in the other rows' masks, which go
+        on with their next decoding step as before."""
+        if not self.refillable:
+            raise RuntimeError("this model's KV cache cannot take tokens into a row once a batch has started")
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.live[rows].all():
+            raise ValueError(f"extend: rows {rows[~self.live[rows]].tolist()} are not live (retired or filler)")
+        new_ids, new_mask = left_pad(token_ids, self.pad_id)  # (k, W)
+        width = new_ids.shape[1]
+        self._reserve(width)
+        old, index, new_mask = self.length, torch.as_tensor(rows, device=self.device), new_mask.to(self.device)
+        cache = preallocated_cache(self.model, old + width)
+        for mine, layer in zip(cache.layers, self.cache.layers):
+            mine.start_from(layer.keys[index], layer.values[index])  # (k, H, old, D)
+        mask = torch.cat([self.mask[index, :old], new_mask], dim=1)  # (k, old + W)
+        positions = (self.next_position[index, None] + new_mask.cumsum(-1) - 1).clamp(min=0)  # (k, W)
+        logits, cache = self._forward(new_ids.to(self.device), mask, positions, cache)
+        for layer, mine in zip(self.cache.layers, cache.layers):
+            layer.add_columns(width)
+            layer.write_rows(index, old, mine.keys[:, :, old:], mine.values[:, :, old:])
+        self.mask[:, old:old + width] = 0
+        self.mask[index, old:old + width] = new_mask
+        self._mask_changed()
+        self.next_position[index] += new_mask.sum(-1)
+        self.length = old + width
         return logits
 
     def add_rows(self, count: int) -> np.ndarray:

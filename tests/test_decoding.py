@@ -81,3 +81,46 @@ def test_a_full_cache_that_cannot_grow_says_so(tiny):
         batch.decode(torch.tensor([7]))
         with pytest.raises(RuntimeError, match="holds at most 6 positions"):
             batch.decode(torch.tensor([7]))
+
+
+def test_tokens_the_environment_appends_to_live_rows_give_the_logits_of_each_whole_conversation(tiny):
+    """Multi-turn: a row's turn ends, the environment's tokens (a user's reply, a tool's output) go into its
+    cache with one forward pass over them alone, and decoding goes on; every row's logits at every step equal
+    a forward pass over its whole conversation from scratch, whichever rows were extended."""
+    model, tokenizer = tiny
+    batch = DecodeBatch(model, tokenizer.pad_token_id, capacity=8, max_capacity=256)
+    sequences = [prompt(3, 0), prompt(6, 1), prompt(4, 2)]
+    checked = 0
+    with torch.inference_mode():
+        logits = batch.prefill(sequences)
+
+        def step():
+            nonlocal logits, checked
+            for row, sequence in enumerate(sequences):
+                torch.testing.assert_close(logits[row], alone(model, sequence), rtol=1e-4, atol=1e-4)
+                checked += 1
+            tokens = torch.argmax(logits, dim=-1)
+            for row, sequence in enumerate(sequences):
+                sequence.append(int(tokens[row]))
+            logits = batch.decode(tokens)
+
+        def environment(rows: list[int], replies: list[list[int]]):
+            nonlocal logits
+            for row, reply in zip(rows, replies):
+                sequences[row].extend(reply)
+            logits[rows] = batch.extend(np.array(rows), replies)
+
+        for _ in range(2):
+            step()
+        environment([0], [prompt(5, 3)])  # one row's turn ends; the others are mid-turn
+        step()
+        environment([2, 1], [prompt(2, 4), prompt(11, 5)])  # two at once, of different lengths (holes for 2)
+        for _ in range(3):
+            step()
+        environment([0], [prompt(1, 6)])
+        for _ in range(12):  # the cache grows and drops columns nobody attends to
+            step()
+        batch.retire(np.array([1]))
+        with pytest.raises(ValueError, match=r"rows \[1\] are not live"):
+            batch.extend(np.array([1]), [prompt(2, 7)])
+    assert checked == 3 * 18 and batch.capacity > 8
