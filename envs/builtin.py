@@ -58,3 +58,29 @@ def sentiment_score(response: str) -> float:
 def sentiment_reward(prompts: list[str], responses: list[str]) -> np.ndarray:
     """The toy sentiment reward of each response, in [-1, 1]; shape (n,). The prompts are not scored."""
     return np.array([sentiment_score(response) for response in responses], dtype=np.float64)
+
+
+# The same score over everyday English, for a real model's text (SmolLM2 rarely writes the ten positive
+# and ten negative words of the tiny vocabulary): simulated people who like upbeat text judge by it.
+UPBEAT_WORDS = frozenset(POSITIVE_WORDS) | frozenset("""
+    amazing awesome beautiful brilliant charming cheerful delight delightful enjoy enjoyed enjoying excellent
+    excited exciting fantastic favorite favourite friendly glad gorgeous grateful incredible joy joyful
+    liked lovely loved loving lucky marvelous perfect pleasant pleased positive proud relaxing smile
+    smiling splendid success successful superb sweet terrific thank thanks thrilled warm win won wow
+    calm hope hopeful inspiring interesting sunny beautifully peaceful fresh glorious""".split())
+DOWNBEAT_WORDS = frozenset(NEGATIVE_WORDS) | frozenset("""
+    annoying annoyed ashamed afraid broken cry crying dark depressing depressed difficult disappointed
+    disappointing disaster dislike dreadful fail failed failure fear gloomy grim hated horrible hurt
+    lonely lose lost mess miserable nasty negative pain painful problem scary sick sorry stupid
+    terrible tired trouble ugly unfortunately unhappy upset waste wasted weak worried worse wrong""".split())
+
+
+def upbeat_score(response: str) -> float:
+    """(upbeat words - downbeat words) / max(1, words) of one response, over the word lists above."""
+    words = _WORD.findall(response.lower())
+    return (sum(w in UPBEAT_WORDS for w in words) - sum(w in DOWNBEAT_WORDS for w in words)) / max(1, len(words))
+
+
+def upbeat_reward(prompts: list[str], responses: list[str]) -> np.ndarray:
+    """`upbeat_score` of each response, in [-1, 1]; shape (n,). The prompts are not scored."""
+    return np.array([upbeat_score(response) for response in responses], dtype=np.float64)

@@ -56,6 +56,7 @@ async def give_feedback(base_url: str, people, finished: threading.Event, args) 
             totals["likes"] += chats["likes"]
             totals["judgements"] += await population.judge_open_studies()  # a round's blind study (loop.gate.human)
             start += args.ask + args.ask // 2
+            await asyncio.sleep(args.pause)
         totals["requests"] = population.requests
     return totals
 
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--chat", action="store_true", help="ask through chat completions (instruct models)")
     parser.add_argument("--ask", type=int, default=40, help="questions per batch of use")
     parser.add_argument("--max-tokens", type=int, default=10)
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between batches of use (lighter load)")
+    parser.add_argument("--noise", type=float, default=None, help="every person's noise (default 0.05, 0.10, 0.15)")
+    parser.add_argument("--tie-margin", type=float, default=0.02, help="worths this close are a tie")
     args = parser.parse_args()
     began = time.perf_counter()
     out = Path(args.out).resolve()
@@ -103,8 +107,9 @@ def main() -> None:
     thread.start()
     while served(run_dir) is None and not finished.is_set():
         time.sleep(0.5)
+    noise = PEOPLE if args.noise is None else dict.fromkeys(PEOPLE, args.noise)
     totals = asyncio.run(give_feedback(f"http://127.0.0.1:{port}", make_people(
-        args.score, PEOPLE, keys, seed=0), finished, args))
+        args.score, noise, keys, seed=0, tie_margin=args.tie_margin), finished, args))
     thread.join()
     if "versions" not in outcome:
         sys.exit("the loop failed (see above)")

@@ -44,6 +44,14 @@ def test_sentiment_reward_is_positive_minus_negative_words_over_words():
     np.testing.assert_allclose(sentiment_reward([""] * 5, responses), [1.0, -0.5, -1 / 6, 0.0, 1.0])
 
 
+def test_upbeat_reward_counts_everyday_words_as_the_sentiment_reward_counts_the_tiny_ones():
+    from envs.builtin import upbeat_reward
+
+    # "Lovely," and "thanks!" are upbeat, "sorry" downbeat; 7 words: (2 - 1) / 7
+    scores = upbeat_reward(["p"] * 3, ["Lovely, I'm sorry it rained, thanks!", "", "The GREAT day was good"])
+    np.testing.assert_allclose(scores, [1 / 7, 0.0, 2 / 5])
+
+
 def test_sentiment_reward_import_string_names_the_function():
     assert as_reward_function(SENTIMENT_REWARD).fn is sentiment_reward
 
