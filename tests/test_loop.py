@@ -292,6 +292,7 @@ def test_a_loop_killed_mid_round_finishes_that_round_once_when_started_again(tin
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two rounds and the SFT start: longer than the default bound of 600 s
 def test_two_rounds_deploy_twice_and_raise_the_held_out_score_each_time(tmp_path):
     """experiments/loop_demo.py as the README runs it (about 10 minutes): the SFT start, three simulated people
     using the served policy the whole time (any failed request stops the demo), two rounds, each gated by the
