@@ -61,7 +61,9 @@ def test_the_gate_with_a_blind_study_needs_every_judgement_and_the_peoples_win_r
 def test_a_rounds_blind_study_is_made_once_from_its_eval_and_waited_for_within_its_bound(tmp_path):
     db, eval_json = tmp_path / "feedback.db", tmp_path / "eval.json"
     store = FeedbackStore(db)
-    people = [store.add_annotator(name) and name for name in ("alice", "bob")]
+    people = ("alice", "bob")
+    for name in people:
+        store.add_annotator(name)
     store.close()
     samples = [{"prompt_text": f"p{i}", "policy_response": f" new {i}", "reference_response": f" old {i}"}
                for i in range(6)]
