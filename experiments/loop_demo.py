@@ -7,9 +7,10 @@ version from what they gave, round after round.
         --prompts experiments/data/tasks/start_word_train.jsonl --score envs.tasks:start_word_reward --ask 24
 
 The loop is --config (default experiments/loop.yaml, whose start policy, the SFT stage of
-experiments/pipeline_feedback.yaml, is made first if missing). The people (rlhf_ray.simulated_users) judge by the toy sentiment score plus their
-own noise and keep giving feedback until the last round ends; every request they make must succeed,
-deploys included. The table is read from the version records the loop wrote.
+experiments/pipeline_feedback.yaml, is made first if missing). The people (rlhf_ray.simulated_users) judge
+by --score plus their own noise, and keep giving feedback and judging each round's blind study until the
+last round ends; every request they make must succeed, deploys included. The table is read from the version
+records the loop wrote.
 """
 
 from __future__ import annotations

@@ -197,8 +197,9 @@ class DecodeBatch:
 
     Columns are shared by all rows (column j of every row's cache was written by the same forward pass);
     a row's real tokens are the columns its mask marks. A row is live from its prompt until the caller
-    `retire`s it, and `extend` appends tokens it did not sample (a multi-turn environment's) to it; a retired row is filler (decoded with the others, never read) until `refill` puts a new
-    prompt into it or `keep_rows` drops it; `add_rows` makes more rows. `refill` prefills new prompts in a
+    `retire`s it, and `extend` appends tokens it did not sample (a multi-turn environment's) to it; a retired
+    row is filler (decoded with the others, never read) until `refill` puts a new prompt into it or
+    `keep_rows` drops it; `add_rows` makes more rows. `refill` prefills new prompts in a
     forward pass of their own and copies their keys and values into the rows, right-aligned to the last
     column written, so they continue with the next decoding step like the others; a prompt wider than the
     columns written shifts the batch to the right. The cache holds `capacity` columns to begin with; when

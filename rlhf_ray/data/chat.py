@@ -31,13 +31,19 @@ def use_chat_template(tokenizer, chat_template: bool | None) -> bool:
     return chat_template
 
 
+_TURN_ENDS: dict[tuple, str] = {}  # (template, bos, eos) -> its turn end: rendered once, not once per prompt
+
+
 def _turn_end(tokenizer) -> str:
     """What the template puts after a user message's text: the end of the turn and the generation prompt
     (ChatML: "<|im_end|>\\n<|im_start|>assistant\\n")."""
-    marker = "\x00user-text\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
-                                         tokenize=False)
-    return text[text.index(marker) + len(marker):]
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    if key not in _TURN_ENDS:
+        marker = "\x00user-text\x00"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                             tokenize=False)
+        _TURN_ENDS[key] = text[text.index(marker) + len(marker):]
+    return _TURN_ENDS[key]
 
 
 def format_prompt(tokenizer, prompt_text: str, chat: bool) -> str:
