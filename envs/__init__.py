@@ -5,6 +5,7 @@ Importing this package registers `rlhf_ray/TextGeneration-v0` (once), so that
     import envs, gymnasium
     env = gymnasium.make("rlhf_ray/TextGeneration-v0")                  # the built-in toy task
     env = gymnasium.make("rlhf_ray/TextGeneration-v0", prompts=[...], reward_fn="pkg.mod:fn")
+    env = gymnasium.make("rlhf_ray/Dialogue-v0", task="calculator")   # multi-turn (envs.dialogue)
     vec = gymnasium.make_vec("rlhf_ray/TextGeneration-v0", num_envs=8,
                              vectorization_mode="vector_entry_point")  # TextGenerationVectorEnv
 
@@ -18,6 +19,7 @@ from envs.text_generation import NO_PROMPT, TextGenerationEnv, TextGenerationTas
 from envs.vector import TextGenerationVectorEnv
 
 ENV_ID = "rlhf_ray/TextGeneration-v0"
+DIALOGUE_ENV_ID = "rlhf_ray/Dialogue-v0"  # multi-turn: envs.dialogue
 
 if ENV_ID not in registry:
     register(
@@ -25,8 +27,11 @@ if ENV_ID not in registry:
         entry_point="envs.text_generation:TextGenerationEnv",
         vector_entry_point="envs.vector:TextGenerationVectorEnv",
     )
+if DIALOGUE_ENV_ID not in registry:
+    register(id=DIALOGUE_ENV_ID, entry_point="envs.dialogue:DialogueEnv",
+             vector_entry_point="envs.dialogue:DialogueVectorEnv")
 
 __all__ = [
-    "BUILTIN_PROMPTS", "ENV_ID", "NO_PROMPT", "SENTIMENT_REWARD", "TextGenerationEnv", "TextGenerationTask",
+    "BUILTIN_PROMPTS", "DIALOGUE_ENV_ID", "ENV_ID", "NO_PROMPT", "SENTIMENT_REWARD", "TextGenerationEnv", "TextGenerationTask",
     "TextGenerationVectorEnv", "sentiment_reward",
 ]

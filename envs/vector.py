@@ -174,13 +174,31 @@ class TextGenerationVectorEnv(VectorEnv):
     # ------------------------------------------------------------------ step
 
     def step(self, actions: Any):
+        stepping, tokens, active = self._append_actions(actions)
+        n = self.num_envs
+        terminated = np.zeros(n, dtype=bool)
+        terminated[stepping] = self.task.ends_response(tokens)
+        # an EOS that also uses up the budget counts as terminated: the policy chose to stop
+        out_of_budget = (self.response_lengths >= self.max_new_tokens) | (self.lengths >= self.max_length)
+        truncated = active & ~terminated & out_of_budget
+        finished = terminated | truncated
+        self.ended |= finished
+
+        rewards = np.zeros(n, dtype=np.float64)
+        infos: dict[str, Any] = {}
+        if finished.any():
+            rewards, infos = self._score(np.flatnonzero(finished), finished)
+        return self._observations(), rewards, terminated, truncated, infos
+
+    def _append_actions(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Check the actions, autoreset ended envs (NEXT_STEP), and append the active envs' tokens: the envs
+        that stepped (A,), their tokens (A,), and which envs were active (N,)."""
         if not self._has_reset:
             raise RuntimeError("step() called before reset(); call reset() first")
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs,) or not np.issubdtype(actions.dtype, np.integer):
             raise ValueError(f"actions must be an integer array of shape ({self.num_envs},) (one token id per env), "
                              f"got {actions.dtype} of shape {actions.shape}")
-        n = self.num_envs
         active = ~self.ended  # (N,) envs that take their action this step
         if self.autoreset_mode == AutoresetMode.NEXT_STEP and self.ended.any():
             restarting = np.flatnonzero(self.ended)
@@ -196,25 +214,12 @@ class TextGenerationVectorEnv(VectorEnv):
                              f"in [0, {self.task.vocab_size})")
         self.tokens[stepping, self.lengths[stepping]] = tokens
         self.lengths[stepping] += 1
-
-        terminated = np.zeros(n, dtype=bool)
-        terminated[stepping] = self.task.ends_response(tokens)
-        # an EOS that also uses up the budget counts as terminated: the policy chose to stop
-        out_of_budget = (self.response_lengths >= self.max_new_tokens) | (self.lengths >= self.max_length)
-        truncated = active & ~terminated & out_of_budget
-        finished = terminated | truncated
-        self.ended |= finished
-
-        rewards = np.zeros(n, dtype=np.float64)
-        infos: dict[str, Any] = {}
-        if finished.any():
-            rewards, infos = self._score(np.flatnonzero(finished), finished)
-        return self._observations(), rewards, terminated, truncated, infos
+        return stepping, tokens, active
 
     def _score(self, envs: np.ndarray, finished: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """Decode the episodes of `envs`, score them in one reward call, and make their infos."""
         prompts = [self._prompt_text(e) for e in envs]
-        responses = self.task.decode_responses([self.response_ids(e) for e in envs])
+        responses = self._response_texts(envs)
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         scored = self.reward_fn.score(prompts, responses)  # one batched call for every finished episode
         rewards[envs] = scored.total
@@ -236,6 +241,10 @@ class TextGenerationVectorEnv(VectorEnv):
                 components[e] = parts
             infos["reward_components"], infos["_reward_components"] = components, finished.copy()
         return rewards, infos
+
+    def _response_texts(self, envs: np.ndarray) -> list[str]:
+        """What the reward function reads as the responses of `envs`."""
+        return self.task.decode_responses([self.response_ids(e) for e in envs])
 
     def _prompt_text(self, env: int) -> str:
         if self._prompt_texts[env] is not None:

@@ -152,6 +152,17 @@ def _preallocated_layer_class():
             self._key_buffer[rows, :, start:end] = keys
             self._value_buffer[rows, :, start:end] = values
 
+        def gather_columns(self, index: torch.Tensor, keep: torch.Tensor) -> None:
+            """Column j of row b becomes the old column index[b, j] (B, W), zero where `keep` (B, W) is False."""
+            width = index.shape[1]
+            for name in ("_key_buffer", "_value_buffer"):
+                buffer = getattr(self, name)
+                heads, dim = buffer.shape[1], buffer.shape[3]
+                moved = torch.gather(buffer[:, :, :self.length], 2, index[:, None, :, None].expand(-1, heads, -1, dim))
+                buffer[:, :, :width] = moved * keep[:, None, :, None].to(moved.dtype)
+            self.length = width
+            self._refresh_views()
+
         def resize(self, capacity: int, first: int) -> None:
             """Buffers of `capacity` positions whose column 0 is the old column `first` (`moved_columns`)."""
             for name in ("_key_buffer", "_value_buffer"):
@@ -366,11 +377,48 @@ class DecodeBatch:
         if self.mask_4d is not None:
             self.mask_4d = self.mask_4d[index]
 
+    def _holes(self) -> bool:
+        """Whether a quarter or more of the live rows' columns are holes (`extend`s of other rows)."""
+        live = np.flatnonzero(self.live)
+        if not live.size:
+            return False
+        span = int((self.length - self.start[live]).sum())
+        real = int(self.mask[torch.as_tensor(live, device=self.device), :self.length].sum())
+        return (span - real) * 4 >= span
+
+    def _compact(self) -> None:
+        """Drop the holes: each row's real columns move right-aligned, in order, to as few columns as the
+        longest row needs. Exact: a cached key holds its own position (absolute or rotary) already, and
+        attention does not depend on where a column sits. A filler row keeps its last column."""
+        length = self.length
+        real = self.mask[:, :length].bool().clone()  # (B, L)
+        filler = torch.as_tensor(~self.live, device=self.device)
+        real[filler] = False
+        real[filler, length - 1] = True
+        counts = real.sum(-1)  # (B,)
+        width = int(counts.max())
+        columns = torch.arange(length, device=self.device).expand_as(real)
+        # the real columns of each row in order, right-aligned: sort keys put holes first, then real columns
+        order = torch.argsort(torch.where(real, columns + length, columns), dim=1, stable=True)[:, length - width:]
+        keep = torch.arange(width, device=self.device)[None, :] >= (width - counts)[:, None]  # (B, W)
+        for layer in self.cache.layers:
+            layer.gather_columns(order, keep)
+        self.mask[:, :width] = keep.long()
+        self.mask[:, width:] = 1  # as in `prefill`: decoding steps fill the columns to the right
+        self._mask_changed()
+        self.start = (width - counts).cpu().numpy()
+        self.length = width
+
     def _reserve(self, right: int, width: int = 0) -> None:
         """Make room for `right` more columns after the last one written and for a prompt of `width` columns
-        that ends at it: drop the leading columns no live row attends to, shift the batch right, or grow."""
+        that ends at it: drop the holes of `extend` when they are many, drop the leading columns no live row
+        attends to, shift the batch right, or grow."""
         if self.length + right <= self.capacity and width <= self.length:
             return
+        if self._holes():
+            self._compact()
+            if self.length + right <= self.capacity and width <= self.length:
+                return
         live_starts = self.start[self.live]
         dead = int(min(live_starts.min(), self.length)) if live_starts.size else self.length
         first = min(dead, self.length - width)  # the column that becomes column 0 (< 0: new columns on the left)

@@ -329,12 +329,24 @@ def task_datasets(seed: int = TASK_SEED) -> dict[str, list[dict]]:
     return datasets
 
 
+def dialogue_datasets() -> dict[str, list[dict]]:
+    """{dialogue/<file>: records}: the opening messages of `envs.dialogue`'s tasks, train and held out."""
+    from envs.dialogue import calculator_prompts, refund_prompts
+
+    datasets = {}
+    for split, name in (("train", "train"), ("heldout", "heldout")):
+        datasets[f"dialogue/refund_{name}.jsonl"] = [{"prompt": p} for p in refund_prompts(split)]
+        datasets[f"dialogue/calculator_{name}.jsonl"] = [
+            {"prompt": p} for p in calculator_prompts(split, count=200 if split == "train" else 48)]
+    return datasets
+
+
 def all_datasets(seed: int = SEED) -> dict[str, list[dict]]:
     rng = random.Random(seed)
     toy = toy_datasets(rng)
     # a stream of its own, so that the files made before it stay the same
     ratings = toy_ratings([r["prompt"] for r in toy["prompts.jsonl"]], random.Random(seed + 1))
-    return {**toy, "ratings.jsonl": ratings, **assistant_datasets(rng), **task_datasets()}
+    return {**toy, "ratings.jsonl": ratings, **assistant_datasets(rng), **task_datasets(), **dialogue_datasets()}
 
 
 def as_jsonl(records: list[dict]) -> str:

@@ -66,6 +66,15 @@ class WorkersConfig(_Section):
         return self
 
 
+class DialogueConfig(_Section):
+    """Multi-turn episodes (`envs.dialogue`): after each assistant turn the task's user or tool answers, and
+    `rollout.max_new_tokens` is one turn's budget."""
+
+    task: str  # "refund", "calculator" or "module:name" of a class or object with reply(prompt, turns)
+    max_turns: int = Field(3, ge=1)  # assistant turns per episode
+    max_env_tokens: int = Field(24, ge=1)  # tokens appended after one turn (a message and the template's marks)
+
+
 class RolloutConfig(_Section):
     batch_size: int = Field(32, ge=1)  # prompts per PPO iteration
     max_new_tokens: int = Field(16, ge=1)
@@ -77,6 +86,7 @@ class RolloutConfig(_Section):
     # are one policy version old, which decoupled PPO corrects (ppo.behaviour_weight_cap). Off by default
     overlap: bool = False
     sampling: SamplingConfig = SamplingConfig()
+    dialogue: DialogueConfig | None = None  # None: one prompt, one response
     workers: WorkersConfig = WorkersConfig()
     num_cpus: float = Field(1.0, gt=0.0)  # Ray CPUs reserved by each rollout worker
     # torch threads of each worker on CPU. None: num_cpus rounded down (at least 1). Without rollout.overlap the

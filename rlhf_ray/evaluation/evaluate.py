@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rlhf_ray.algorithms.kl import kl_estimate
-from rlhf_ray.models.forward import pack_episodes, response_logprobs
+from rlhf_ray.models.forward import pack, response_logprobs
 from rlhf_ray.rewards import RewardFunction, as_reward_function
 from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams, episode_seed
 
@@ -92,7 +92,7 @@ def sequence_kl(policy, reference, episodes: Sequence[Episode], pad_id: int, tem
     kls = []
     for start in range(0, len(episodes), batch_size):
         chunk = episodes[start:start + batch_size]
-        batch = pack_episodes([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], pad_id).to(device)
+        batch = pack(chunk, pad_id).to(device)
         logprobs = response_logprobs(policy, batch, temperature)  # (B, R)
         ref_logprobs = response_logprobs(reference, batch.to(next(reference.parameters()).device), temperature)
         kl = kl_estimate(logprobs, ref_logprobs.to(device), "k1") * batch.response_mask  # (B, R)

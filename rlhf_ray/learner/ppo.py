@@ -30,7 +30,7 @@ from rlhf_ray.algorithms import (
 )
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.learner.distributed import Reducer
-from rlhf_ray.models.forward import PackedBatch, pack_episodes, response_logits, response_logprobs
+from rlhf_ray.models.forward import PackedBatch, pack, response_logits, response_logprobs
 from rlhf_ray.models.value import response_values
 
 
@@ -157,7 +157,7 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     the actor's own log-probs are computed too, as the proximal policy of decoupled PPO (`policy_loss`);
     every rank must pass the same value (the pass is a collective under ZeRO-3).
     """
-    batch = pack_episodes([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_id)
+    batch = pack(episodes, pad_id)
     mask = batch.response_mask  # (B, R)
     old_logprobs = torch.zeros_like(mask)
     for row, episode in enumerate(episodes):
@@ -348,7 +348,7 @@ def sequence_kl(episodes, reference, temperature: float, pad_id: int, reducer: R
     """KL(policy || reference) of each episode (B,), nats: the k1 estimate summed over its response tokens,
     from the log-probs its sampler recorded and the reference's. Unbiased for episodes sampled from the policy
     (held-out evaluation); every rank must call it (the reference pass is a collective under ZeRO-3)."""
-    batch = pack_episodes([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_id)
+    batch = pack(episodes, pad_id)
     sampled = torch.zeros_like(batch.response_mask)
     for row, episode in enumerate(episodes):
         sampled[row, : len(episode.behaviour_logprobs)] = torch.tensor(episode.behaviour_logprobs)

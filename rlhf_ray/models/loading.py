@@ -30,7 +30,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     if name in BUILTIN_MODELS:
         target = cache_dir() / "models" / name.replace("/", "--")
         if not (target / "config.json").exists():  # rollout workers may build it at once: the first one's stays
-            save_hf_folder(target, *build_tiny_model(BUILTIN_MODELS[name]), replace=False)
+            arch, vocabulary = BUILTIN_MODELS[name]
+            save_hf_folder(target, *build_tiny_model(arch, vocabulary=vocabulary), replace=False)
         return target
     path = Path(name).expanduser()
     if (path / "config.json").is_file():

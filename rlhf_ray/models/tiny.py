@@ -30,19 +30,41 @@ NEUTRAL_WORDS = [
 ]
 VOCABULARY = SPECIAL_TOKENS + NEUTRAL_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS
 
+# The task tokenizer of multi-turn episodes (envs.dialogue): roles and an end of turn as special tokens, digits
+# one token each (a number is its digits), and a chat template, which the sentiment vocabulary lacks.
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+END_OF_TURN = "<|end|>"
+DIGITS = [str(d) for d in range(10)]
+TASK_WORDS = [
+    ".", ",", "?", "+", "-", "*", "=", "hi", "hello", "i", "want", "a", "refund", "for", "my", "order", "number",
+    "is", "it", "the", "please", "thanks", "thank", "you", "sorry", "can", "help", "what", "your", "give", "me",
+    "here", "done", "ok", "yes", "no", "bye", "which", "need", "get", "back", "money", "of", "call", "answer",
+    "wait", "bad", "hate", "now", "how", "much", "sum", "plus", "times",
+]
+TASK_VOCABULARY = SPECIAL_TOKENS + ROLE_TOKENS + [END_OF_TURN] + DIGITS + TASK_WORDS
+# each message is its role token, its words and the end of turn; the generation prompt is the assistant's role
+TASK_CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> "
+                      "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
 ARCHITECTURES = ("gpt2", "llama")
-BUILTIN_MODELS = {f"rlhf-ray/tiny-{arch}": arch for arch in ARCHITECTURES}  # names `resolve_model_path` builds
+# names `resolve_model_path` builds: (architecture, vocabulary)
+BUILTIN_MODELS = {f"rlhf-ray/tiny-{arch}": (arch, "sentiment") for arch in ARCHITECTURES}
+BUILTIN_MODELS["rlhf-ray/tiny-chat-gpt2"] = ("gpt2", "task")
 
 
-def build_tiny_tokenizer(vocabulary: list[str] = VOCABULARY) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: whitespace-split words, `<pad>`=0, `<eos>`=1, `<unk>`=2."""
+def build_tiny_tokenizer(vocabulary: list[str] = VOCABULARY, chat: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: whitespace-split words, `<pad>`=0, `<eos>`=1, `<unk>`=2. `chat`: digits are
+    split too, and the role and end-of-turn tokens of `vocabulary` are special tokens of a chat template."""
     if vocabulary[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
         raise ValueError(f"vocabulary must start with the special tokens {SPECIAL_TOKENS}")
     if len(set(vocabulary)) != len(vocabulary):
         raise ValueError("vocabulary has repeated words")
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=UNK))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    if chat:  # digits split: "427" is 4 2 7, so that any number is spelled in the vocabulary
+        word_level.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_level,
         pad_token=PAD,
         eos_token=EOS,
@@ -50,6 +72,16 @@ def build_tiny_tokenizer(vocabulary: list[str] = VOCABULARY) -> PreTrainedTokeni
         padding_side="left",  # batched generation left-pads prompts
         model_max_length=1024,
     )
+    if chat:
+        tokenizer.add_special_tokens({"additional_special_tokens": [t for t in vocabulary
+                                                                    if t in ROLE_TOKENS or t == END_OF_TURN]})
+        tokenizer.chat_template = TASK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_task_tokenizer() -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of the multi-turn tasks (`envs.dialogue`): roles, `<|end|>`, digits, a template."""
+    return build_tiny_tokenizer(TASK_VOCABULARY, chat=True)
 
 
 def tiny_model_config(arch: str, vocab_size: int, n_layer: int = 2, hidden: int = 64,
@@ -74,21 +106,28 @@ def tiny_model_config(arch: str, vocab_size: int, n_layer: int = 2, hidden: int 
     raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
-def build_tiny_model(arch: str = "gpt2", seed: int = 0, **config_kwargs):
-    """A randomly initialised tiny causal LM (float32, eval mode) and its tokenizer."""
+def build_tiny_model(arch: str = "gpt2", seed: int = 0, vocabulary: str = "sentiment", **config_kwargs):
+    """A randomly initialised tiny causal LM (float32, eval mode) and its tokenizer. `vocabulary`: "sentiment"
+    (the toy task's words) or "task" (`build_task_tokenizer`, with a context of 256 positions by default)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tiny_tokenizer()
+    if vocabulary not in ("sentiment", "task"):
+        raise ValueError(f"unknown tiny vocabulary {vocabulary!r}; expected 'sentiment' or 'task'")
+    tokenizer = build_tiny_tokenizer() if vocabulary == "sentiment" else build_task_tokenizer()
+    if vocabulary == "task":
+        config_kwargs.setdefault("max_positions", 256)
     config = tiny_model_config(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id, **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = (tokenizer.eos_token_id if vocabulary == "sentiment" else
+                                            [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)])
     return model.eval(), tokenizer
 
 
-def save_tiny_model(path: str | Path, arch: str = "gpt2", seed: int = 0, **config_kwargs) -> Path:
+def save_tiny_model(path: str | Path, arch: str = "gpt2", seed: int = 0, vocabulary: str = "sentiment",
+                    **config_kwargs) -> Path:
     """Build a tiny model and save it, with its tokenizer, as a Hugging Face folder at `path` (replaced)."""
-    return save_hf_folder(path, *build_tiny_model(arch, seed=seed, **config_kwargs))
+    return save_hf_folder(path, *build_tiny_model(arch, seed=seed, vocabulary=vocabulary, **config_kwargs))

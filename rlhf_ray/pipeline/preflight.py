@@ -149,6 +149,24 @@ def sample_responses(config: RunConfig, policy_path: Path | None, prompts: list[
     return [e.response for e in episodes]
 
 
+def check_dialogue(config: RunConfig, policy_path: Path | None, report: PreflightReport) -> None:
+    """`rollout.dialogue.task` loads, and the policy's tokenizer has a chat template to write its messages in."""
+    from envs.dialogue import ChatFormat, load_task
+
+    try:
+        load_task(config.rollout.dialogue.task)
+    except (ValueError, TypeError) as err:
+        raise PreflightError(f"rollout.dialogue.task: {one_line(err)}") from err
+    if policy_path is not None:
+        from rlhf_ray.models import load_tokenizer
+
+        try:
+            ChatFormat.of(load_tokenizer(policy_path))
+        except ValueError as err:
+            raise PreflightError(f"rollout.dialogue: model.policy: {one_line(err)}") from err
+    report.checked.append(f"rollout.dialogue.task {config.rollout.dialogue.task}")
+
+
 def check_lora(config: RunConfig, policy_path: Path, report: PreflightReport) -> None:
     """`model.lora.target_modules` exist in the policy: adapters put on its architecture, without weights."""
     import torch
@@ -224,6 +242,8 @@ def _preflight_ppo(config: RunConfig, made: set[str], report: PreflightReport, o
             policy_path = path
     if config.model.lora is not None and policy_path is not None:
         check_lora(config, policy_path, report)
+    if config.rollout.dialogue is not None:
+        check_dialogue(config, policy_path, report)
     if config.data.prompt_dataset is not None:
         check_dataset("data.prompt_dataset", config.data.prompt_dataset, report, "prompts", on_cluster)
     if config.train.eval_every and config.data.eval_dataset is not None:

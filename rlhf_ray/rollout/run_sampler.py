@@ -5,13 +5,14 @@ from __future__ import annotations
 from rlhf_ray.config import RunConfig
 from rlhf_ray.models import load_policy
 from rlhf_ray.rewards.composite import build_reward
-from rlhf_ray.rollout.sampler import Episode, Sampler, SamplingParams, episode_seed
+from rlhf_ray.rollout.sampler import DialogueParams, Episode, Sampler, SamplingParams, episode_seed
 
 
 def sampling_params(config: RunConfig) -> SamplingParams:
-    sampling = config.rollout.sampling
+    sampling, dialogue = config.rollout.sampling, config.rollout.dialogue
     return SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=sampling.temperature,
-                          top_k=sampling.top_k, top_p=sampling.top_p, greedy=sampling.greedy)
+                          top_k=sampling.top_k, top_p=sampling.top_p, greedy=sampling.greedy,
+                          dialogue=None if dialogue is None else DialogueParams(**dialogue.model_dump()))
 
 
 def prompt_texts(config: RunConfig, tokenizer=None) -> list[str]:

@@ -38,21 +38,32 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
+from envs.dialogue import DialogueVectorEnv
 from envs.vector import TextGenerationVectorEnv
 from rlhf_ray.rewards import RewardFunction, as_reward_function
 from rlhf_ray.decoding import DecodeBatch
 from rlhf_ray.sampling import end_of_response_ids, episode_seed, episode_uniforms, sample_tokens
 
-__all__ = ["Episode", "Sampler", "SamplingParams", "episode_seed"]  # episode_seed: callers seed episodes here
+__all__ = ["DialogueParams", "Episode", "Sampler", "SamplingParams", "episode_seed"]  # episode_seed: callers seed episodes here
+
+
+@dataclass(frozen=True)
+class DialogueParams:
+    """Multi-turn episodes (`envs.dialogue`): after each assistant turn the task's user or tool answers."""
+
+    task: str  # `envs.dialogue.load_task`: "refund", "calculator" or "module:name"
+    max_turns: int = 3  # assistant turns per episode
+    max_env_tokens: int = 24  # tokens appended after one turn (a message and the template's marks)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # per assistant turn in a dialogue
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k filtering
     top_p: float = 1.0  # 1.0: no nucleus filtering
     greedy: bool = False  # argmax; the same tokens as `model.generate(do_sample=False)`
+    dialogue: DialogueParams | None = None  # None: one prompt, one response
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -80,6 +91,10 @@ class Episode:
     policy_version: int = 0
     worker_id: str = ""
     reward_components: dict[str, float] | None = None  # a composite reward's unweighted terms, by name
+    # a dialogue's: (R,) 1 on the policy's tokens, 0 on those the environment appended (a user's or a tool's
+    # message and the template's marks, whose behaviour log-probs are 0); None: every response token is an action
+    action_mask: np.ndarray | None = None
+    turns: list[dict] | None = None  # a dialogue's turns after the prompt, [{role, content}]
 
 
 class Sampler:
@@ -111,12 +126,33 @@ class Sampler:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _max_length(self, prompt_width: int) -> int:
+        """The context limit: `max_length`, else the longest prompt and the response (every turn of a dialogue
+        and the messages between them)."""
+        if self.max_length:
+            return self.max_length
+        dialogue = self.params.dialogue
+        if dialogue is None:
+            return prompt_width + self.params.max_new_tokens
+        return prompt_width + dialogue.max_turns * self.params.max_new_tokens + (
+            dialogue.max_turns - 1) * dialogue.max_env_tokens
+
     def _env(self, batch: int, max_length: int) -> TextGenerationVectorEnv:
         """The vector env for `batch` episodes; kept between calls of the same shape, since building one
         (spaces, seeding, tokenizing its default prompts) costs as much as a few decoding steps and
         `reset` rewrites every array of its state."""
         key = (batch, max_length, self.params.max_new_tokens, id(self.tokenizer))
         if self._cached_env is None or self._cached_env[0] != key:
+            stop_ids = end_of_response_ids(self.tokenizer, getattr(self.model, "generation_config", None))
+            if self.params.dialogue is not None:
+                dialogue = self.params.dialogue
+                env = DialogueVectorEnv(
+                    num_envs=batch, tokenizer=self.tokenizer, prompts=[""], task=dialogue.task,
+                    reward_fn=self._env_reward, max_new_tokens=self.params.max_new_tokens,
+                    max_turns=dialogue.max_turns, max_env_tokens=dialogue.max_env_tokens, max_length=max_length,
+                    autoreset_mode=AutoresetMode.DISABLED, copy=False, stop_token_ids=stop_ids)
+                self._cached_env = (key, env)
+                return env
             env = TextGenerationVectorEnv(
                 # every reset passes its prompt ids; the env's own prompt list is never drawn from, and an
                 # empty one fits any max_length (the built-in prompts would not fit a short context)
@@ -124,7 +160,7 @@ class Sampler:
                 max_new_tokens=self.params.max_new_tokens, max_length=max_length,
                 autoreset_mode=AutoresetMode.DISABLED, copy=False,
                 # where a response ends: the same tokens as the policy server's (the model's end of turn too)
-                stop_token_ids=end_of_response_ids(self.tokenizer, getattr(self.model, "generation_config", None)),
+                stop_token_ids=stop_ids,
             )
             self._cached_env = (key, env)
         return self._cached_env[1]
@@ -141,19 +177,28 @@ class Sampler:
         if not prompt_ids:
             return []
         params = self.params
-        total, new_tokens = len(prompt_ids), params.max_new_tokens
+        total = len(prompt_ids)
         size = min(self.max_batch or total, total)
         prompt_width = max(len(p) for p in prompt_ids)  # of all prompts: a refill fits left of any step's column
+        max_length = self._max_length(prompt_width)
+        # response tokens an episode may have: a dialogue's include the messages the environment appends
+        new_tokens = params.max_new_tokens if params.dialogue is None else max_length
         # a static batch needs one prompt and one response; refills need room for one more of each
         # beyond the oldest live row (see DecodeBatch)
-        batch = DecodeBatch(self.model, self.tokenizer.pad_token_id,
-                            (prompt_width + new_tokens) * (1 if size == total else 2))
+        capacity = min(prompt_width + new_tokens, max_length) * (1 if size == total else 2)
+        # the environment's tokens leave holes in the other rows until `DecodeBatch` compacts them
+        batch = DecodeBatch(self.model, self.tokenizer.pad_token_id, capacity,
+                            max_capacity=None if params.dialogue is None else 4 * max_length)
+        if params.dialogue is not None and not batch.refillable:
+            raise RuntimeError(f"dialogues append the environment's tokens to live rows, which this model's KV cache "
+                               f"({type(self.model).__name__}: not plain full-attention layers) cannot take")
         if size < total and not batch.refillable:  # the model's cache cannot take rows: batches one after another
             return [episode for first in range(0, total, size)
                     for episode in self._static_batch(prompt_ids, seeds, first, size)]
         self.last_reward_s = 0.0
-        env = self._env(size, self.max_length or prompt_width + new_tokens)
-        record = _EpisodeRecord(total, new_tokens, self.tokenizer.pad_token_id, batch.device)
+        env = self._env(size, max_length)
+        record = _EpisodeRecord(total, new_tokens, self.tokenizer.pad_token_id, batch.device,
+                                dialogue=params.dialogue is not None)
         slots = _Slots(size, total)
         uniforms = None  # (N, R); greedy draws nothing
         if not params.greedy:
@@ -173,6 +218,11 @@ class Sampler:
             row_tokens = tokens.cpu().numpy()  # (B,) the one device-to-host copy of a step
             record.tokens(episodes[live], steps[live], row_tokens[live], logprobs[record.on_device(live)])
             _, step_rewards, terminated, truncated, infos = env.step(slots.advance(live, row_tokens, record.pad_id))
+            # a dialogue's turns that ended and go on: the environment's tokens follow (context, not actions)
+            answered = np.flatnonzero(infos["_appended"]) if "appended" in infos else _NONE  # env slots
+            for slot in answered:
+                record.context(slots.episode[slot], slots.step[slot], infos["appended"][slot])
+                slots.step[slot] += len(infos["appended"][slot])
             finished = np.flatnonzero(terminated | truncated)  # env slots
             if finished.size:
                 for slot in finished:
@@ -184,7 +234,11 @@ class Sampler:
                     break
                 batch.keep_rows(slots.kept)
                 tokens = tokens[record.on_device(slots.kept)]
-            logits = batch.decode(tokens)
+            logits = batch.decode(tokens)  # the sampled tokens go into the cache, the turn's last one included
+            if answered.size:  # then the environment's, with one forward pass over those rows' new tokens
+                rows = np.flatnonzero(np.isin(slots.row_slot, answered))
+                logits[record.on_device(rows)] = batch.extend(rows, [infos["appended"][slots.row_slot[r]]
+                                                                     for r in rows])
             rows, started = slots.start_next()
             if rows.size:
                 env.reset(options={"prompt_ids": slots.env_prompts(rows, started, prompt_ids),
@@ -272,8 +326,11 @@ class _Slots:
 class _EpisodeRecord:
     """What the episodes of one `generate` call have made so far: tokens, log-probs, rewards, texts."""
 
-    def __init__(self, total: int, new_tokens: int, pad_id: int, device: torch.device):
+    def __init__(self, total: int, new_tokens: int, pad_id: int, device: torch.device, dialogue: bool = False):
         self.device, self.pad_id = device, pad_id
+        # a dialogue's: 0 where the environment appended tokens; None: every token is an action
+        self.action_mask = np.ones((total, new_tokens), dtype=np.int8) if dialogue else None  # (N, R)
+        self.turns: list[list[dict] | None] = [None] * total
         self.logprobs = torch.zeros((total, new_tokens), dtype=torch.float32, device=device)  # (N, R)
         self.responses = np.full((total, new_tokens), pad_id, dtype=np.int64)  # (N, R)
         self.lengths = np.zeros(total, dtype=np.int64)  # (N,)
@@ -288,11 +345,18 @@ class _EpisodeRecord:
         self.logprobs[self.on_device(episodes), self.on_device(steps)] = logprobs
         self.responses[episodes, steps] = tokens
 
+    def context(self, episode: int, step: int, token_ids: np.ndarray) -> None:
+        """Tokens the environment appended to `episode` at response position `step` (log-probs stay 0)."""
+        self.responses[episode, step:step + len(token_ids)] = token_ids
+        self.action_mask[episode, step:step + len(token_ids)] = 0
+
     def finish(self, episode: int, length: int, reward: float, terminated: bool, infos: dict, slot: int) -> None:
         self.rewards[episode], self.eos[episode], self.lengths[episode] = reward, terminated, length
         self.texts[episode] = (infos["prompt"][slot], infos["response"][slot])
         if "reward_components" in infos:
             self.components[episode] = infos["reward_components"][slot]
+        if "turns" in infos:
+            self.turns[episode] = infos["turns"][slot]
 
     def episodes(self, prompt_ids, seeds) -> list[Episode]:
         logprobs = self.logprobs.cpu().numpy()  # (N, R)
@@ -305,5 +369,7 @@ class _EpisodeRecord:
                 behaviour_logprobs=logprobs[b, :length].copy(),
                 eos=bool(self.eos[b]), reward=float(self.rewards[b]), prompt=prompt, response=response,
                 seed=int(seeds[b]), reward_components=self.components[b],
+                action_mask=None if self.action_mask is None else self.action_mask[b, :length].copy(),
+                turns=self.turns[b],
             ))
         return episodes

@@ -1,0 +1,540 @@
+"""Multi-turn episodes: a conversation in which one action is one token of the assistant's turn.
+
+An episode starts from a prompt (the opening of a conversation, rendered in the chat template up to
+the assistant's generation prompt). The policy writes its turn a token at a time; the turn ends with an
+end-of-response token (the chat template's end of turn, or EOS) or the per-turn budget. Then the
+task's responder, a scripted user or a tool, answers: its message is rendered in the chat template
+(what closes the assistant's turn, the message, the next generation prompt), tokenized once, and
+appended; those tokens are context, not actions (`action_mask` 0). The episode ends when the responder
+ends the conversation (terminated: the goal is met, or the user leaves), or at `max_turns` assistant
+turns or `max_length` tokens (truncated). The reward is the reward function's score of the prompt and
+the whole conversation after it (`transcript`), at the end.
+
+Nothing is decoded and re-encoded between turns: the token ids of an episode are the policy's actions
+and the ids of the environment's messages, each message encoded once, so the learner trains on exactly
+the ids the sampler produced and the environment appended (re-tokenization drift breaks multi-turn RL).
+
+Tasks (a `DialogueTask` has `reply(prompt, turns) -> Reply | None`; the reward is a function with the
+project's signature over the transcript):
+- `refund`: a customer who wants a refund for an order whose number only they know. They give it when
+  the assistant asks for the order (or its number), are done once the assistant grants the refund after
+  that, and leave at a rude word. `refund_reward`: 1 for a refund granted, 0.3 for the number obtained
+  only, +0.2 when the refund names the order number, -0.1 per turn beyond the two it needs, and the
+  customer's judgement of politeness (a `SimulatedPerson`, as on the feedback pages) up to +0.1.
+- `calculator`: "what is 37 * 24 ?"; the assistant may call a calculator as `call 37 * 24` (one call a
+  turn, the whole turn) and reads `<|tool|> 888`; a turn without a call is its answer. `calculator_reward`:
+  1 when the answer's last number is the result, -0.05 per call beyond one.
+
+`python -c "import envs, gymnasium; ..."`: `gymnasium.make("rlhf_ray/Dialogue-v0")` is the refund task on
+the built-in task tokenizer; `make_vec(..., vectorization_mode="vector_entry_point")` its vector env.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode
+
+from envs.text_generation import TextGenerationTask, default_stop_token_ids, resolve_tokenizer
+from envs.vector import TextGenerationVectorEnv
+from rlhf_ray.data.chat import format_prompt
+from rlhf_ray.rewards import RewardSpec
+
+ROLES = ("user", "tool")  # who answers the assistant
+
+
+@dataclass(frozen=True)
+class Reply:
+    role: str  # "user" or "tool"
+    content: str
+
+
+class DialogueTask(Protocol):
+    def reply(self, prompt: str, turns: list[tuple[str, str]]) -> Reply | None:
+        """The next message after the assistant's last turn, or None: the conversation is over.
+        `turns`: (role, text) of every turn after the prompt, the assistant's last one included."""
+
+
+# ---------------------------------------------------------------------------------------------- chat format
+
+_MARK = "\x00turn-text\x00"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a chat template writes one message, found by rendering it with marker texts (any template that
+    renders a conversation as its messages one after another)."""
+
+    prefixes: dict  # role -> text before a message's content ("<|im_start|>user\n")
+    turn_end: str  # text after a message's content ("<|im_end|>\n")
+    generation_prompt: str  # what opens the assistant's turn ("<|im_start|>assistant\n")
+
+    @classmethod
+    def of(cls, tokenizer) -> "ChatFormat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("a dialogue needs a tokenizer with a chat template (roles and an end of turn); "
+                             "this one has none (the task tokenizer `rlhf-ray/tiny-chat-gpt2` has one)")
+
+        def render(messages, generation_prompt=False):
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+        opening = [{"role": "user", "content": "hi"}]
+        base = render(opening)
+        prompt = render(opening, True)
+        if not prompt.startswith(base):
+            raise ValueError("the chat template does not render a conversation as its messages one after another")
+        prefixes, turn_end = {}, None
+        for role in ("assistant", *ROLES):
+            text = render(opening + [{"role": role, "content": _MARK}])
+            if not text.startswith(base) or _MARK not in text:
+                raise ValueError(f"the chat template does not render a {role!r} message after a user's")
+            before, after = text[len(base):].split(_MARK)
+            prefixes[role] = before
+            turn_end = after if turn_end is None else turn_end
+        return cls(prefixes=prefixes, turn_end=turn_end, generation_prompt=prompt[len(base):])
+
+    def after_turn(self, stop_text: str | None) -> str:
+        """What closes the assistant's turn when it ended with a token of text `stop_text` (None: cut by the
+        budget): the rest of the template's turn end."""
+        end = self.turn_end
+        if stop_text and end.lstrip().startswith(stop_text):
+            return end.lstrip()[len(stop_text):]
+        return end
+
+    def message(self, role: str, content: str) -> str:
+        """One message of `role` and the assistant's generation prompt after it."""
+        return f"{self.prefixes[role]}{content}{self.turn_end}{self.generation_prompt}"
+
+    def transcript(self, turns: list[tuple[str, str]]) -> str:
+        """The conversation after the prompt as the template writes it: the first turn is the assistant's,
+        whose opening the prompt holds."""
+        parts = [turns[0][1]] if turns else []
+        for role, content in turns[1:]:
+            parts.append(f"{self.turn_end}{self.prefixes[role]}{content}")
+        return "".join(parts)
+
+
+_ROLE_MARK = re.compile(r"<\|(?:im_start\|>)?(system|user|assistant|tool)(?:\|>)?\s*")
+_END_MARK = re.compile(r"<\|(?:end|im_end)\|>|<eos>|</s>|<\|endoftext\|>")
+
+
+def split_turns(transcript: str) -> list[tuple[str, str]]:
+    """(role, text) of each turn of a transcript (`ChatFormat.transcript`, or a conversation decoded with
+    its special tokens), the first turn the assistant's. Knows the task tokenizer's `<|user|> ... <|end|>`
+    and ChatML's `<|im_start|>user\\n ... <|im_end|>`."""
+    chunks = _END_MARK.split(transcript)
+    if len(chunks) > 1 and not chunks[-1].strip():  # what follows the last end of turn
+        chunks.pop()
+    turns = []
+    for i, chunk in enumerate(chunk.strip() for chunk in chunks):
+        match = _ROLE_MARK.match(chunk)
+        if match:
+            turns.append((match.group(1), chunk[match.end():].strip()))
+        elif i == 0 or chunk:  # the assistant's first turn has no role mark (the prompt opened it)
+            turns.append(("assistant", chunk))
+    return turns
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+_WORDS = re.compile(r"[a-z]+|\d")
+RUDE_WORDS = frozenset({"hate", "bad", "stupid", "idiot", "shut"})
+POLITE_WORDS = frozenset({"please", "thanks", "thank", "sorry", "welcome", "glad", "happy"})
+
+
+def _words(text: str) -> list[str]:
+    return _WORDS.findall(text.lower())
+
+
+def order_number(prompt: str) -> str:
+    """The order number the customer of `prompt` has in mind (three digits, fixed by the prompt's text)."""
+    opening = _user_text(prompt)
+    return str(100 + zlib.crc32(opening.encode()) % 900)
+
+
+def _user_text(prompt: str) -> str:
+    """The last user message of a rendered prompt (the whole prompt when it has no role marks)."""
+    turns = split_turns(prompt)
+    users = [text for role, text in turns if role == "user"]
+    return users[-1] if users else prompt.strip()
+
+
+def _digits(text: str) -> str:
+    return "".join(re.findall(r"\d", text))
+
+
+@dataclass
+class _RefundState:
+    number: str
+    given: bool = False  # the customer gave the order number
+    refunded: bool = False  # the assistant granted the refund after that
+    named: bool = False  # ... naming the order number
+    left: bool = False  # the customer left (a rude word)
+    turns: int = 0  # assistant turns
+
+
+def refund_state(prompt: str, assistant_turns: list[str]) -> _RefundState:
+    """Replay the customer's side of a conversation: what they gave, got and did after each assistant turn."""
+    state = _RefundState(order_number(prompt))
+    for text in assistant_turns:
+        state.turns += 1
+        words = set(_words(text))
+        if words & RUDE_WORDS:
+            state.left = True
+            break
+        if state.given and words & {"refund", "refunded", "refunding"}:
+            state.refunded, state.named = True, state.number in _digits(text)
+            break
+        if not state.given and words & {"order", "number"}:
+            state.given = True
+    return state
+
+
+class RefundCustomer:
+    """The scripted customer of the `refund` task; see the module's docstring."""
+
+    def reply(self, prompt: str, turns: list[tuple[str, str]]) -> Reply | None:
+        said = [text for role, text in turns if role == "assistant"]
+        state = refund_state(prompt, said)
+        if state.left or state.refunded:
+            return None
+        if state.given and not refund_state(prompt, said[:-1]).given:  # asked for it just now
+            return Reply("user", f"it is {state.number}")
+        if state.given:
+            return Reply("user", "please give me my refund")
+        return Reply("user", "i want a refund for my order")
+
+
+REFUND_OPENINGS = [f"{greeting}{request}{item}{manner}"
+                   for greeting in ("", "hi , ", "hello , ")
+                   for request in ("i want a refund", "can i get my money back", "i need a refund",
+                                   "i want my money back")
+                   for item in ("", " for my order", " of my order")
+                   for manner in ("", " please")]
+
+
+def refund_prompts(split: str = "train") -> list[str]:
+    """The customers' opening messages: 72 in all, one in six held out (every sixth, so both splits mix every
+    wording)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return [text for i, text in enumerate(REFUND_OPENINGS) if (i % 6 == 5) == (split == "heldout")]
+
+
+def polite_score(prompts: list[str], responses: list[str]) -> np.ndarray:
+    """The share of the assistant's turns with a polite word (a customer's sense of being treated well)."""
+    scores = []
+    for response in responses:
+        turns = [text for role, text in split_turns(response) if role == "assistant"]
+        scores.append(np.mean([bool(set(_words(t)) & POLITE_WORDS) for t in turns]) if turns else 0.0)
+    return np.array(scores, dtype=np.float64)
+
+
+def refund_reward(prompts: list[str], responses: list[str], politeness_noise: float = 0.0,
+                  seed: int = 0) -> np.ndarray:
+    """The refund task's score of each conversation; see the module's docstring. The politeness term is the
+    judgement of a simulated customer (`rlhf_ray.simulated_users.SimulatedPerson` over `polite_score`) with
+    Gaussian noise `politeness_noise` (0: the score itself)."""
+    from rlhf_ray.simulated_users import SimulatedPerson
+
+    customer = SimulatedPerson("customer", "", polite_score, noise=politeness_noise, rng=random.Random(seed))
+    scores = []
+    for prompt, response in zip(prompts, responses):
+        state = refund_state(prompt, [text for role, text in split_turns(response) if role == "assistant"])
+        score = 1.0 if state.refunded else 0.3 if state.given else 0.0
+        if state.refunded:
+            score += 0.2 * state.named
+        score -= 0.1 * max(0, state.turns - 2)
+        score += 0.1 * min(1.0, max(0.0, customer.worth(prompt, response)))
+        scores.append(0.0 if state.left else score)
+    return np.array(scores, dtype=np.float64)
+
+
+def refund_success(prompts: list[str], responses: list[str]) -> np.ndarray:
+    """1 where the customer got the refund (the goal), else 0: the held-out success rate's measure."""
+    return np.array([float(refund_state(p, [t for role, t in split_turns(r) if role == "assistant"]).refunded)
+                     for p, r in zip(prompts, responses)], dtype=np.float64)
+
+
+_CALL = re.compile(r"\bcall\s*(\d[\d ]*?)\s*([-+*])\s*(\d[\d ]*)", re.IGNORECASE)
+_QUESTION = re.compile(r"what is\s*(\d[\d ]*?)\s*([-+*])\s*(\d[\d ]*?)\s*\?")
+
+
+def _evaluate(a: str, op: str, b: str) -> int:
+    x, y = int(_digits(a)), int(_digits(b))
+    return x + y if op == "+" else x - y if op == "-" else x * y
+
+
+class Calculator:
+    """The tool of the `calculator` task: a turn `call A op B` gets `<|tool|> result`; any other turn is the
+    assistant's answer, which ends the conversation."""
+
+    def reply(self, prompt: str, turns: list[tuple[str, str]]) -> Reply | None:
+        match = _CALL.search(turns[-1][1])
+        if match is None:
+            return None
+        a, op, b = match.groups()
+        if max(len(_digits(a)), len(_digits(b))) > 6:  # the calculator's display: six digits an operand
+            return Reply("tool", "error")
+        return Reply("tool", str(_evaluate(a, op, b)))
+
+
+def calculator_question(prompt: str) -> int:
+    matches = list(_QUESTION.finditer(_user_text(prompt)))
+    if not matches:
+        raise ValueError(f"not a calculator prompt (no 'what is A op B ?'): {prompt!r:.200}")
+    return _evaluate(*matches[-1].groups())
+
+
+def calculator_reward(prompts: list[str], responses: list[str]) -> np.ndarray:
+    """1 when the last assistant turn (not a call) ends with the result, -0.05 per call beyond one."""
+    scores = []
+    for prompt, response in zip(prompts, responses):
+        assistant = [text for role, text in split_turns(response) if role == "assistant"]
+        calls = sum(bool(_CALL.search(t)) for t in assistant)
+        answer = assistant[-1] if assistant and not _CALL.search(assistant[-1]) else ""
+        numbers = re.findall(r"\d[\d ]*", answer)
+        right = bool(numbers) and _digits(numbers[-1]) == str(calculator_question(prompt))
+        scores.append(float(right) - 0.05 * max(0, calls - 1))
+    return np.array(scores, dtype=np.float64)
+
+
+def calculator_prompts(split: str = "train", count: int = 64, seed: int = 0) -> list[str]:
+    """'what is A * B ?' with A in 10..99 and B in 2..9: train and held-out draw from disjoint pairs."""
+    rng = random.Random(seed)
+    prompts, seen = [], set()
+    while len(prompts) < count:
+        a, b = rng.randint(10, 99), rng.randint(2, 9)
+        if (a, b) in seen or ((a + b) % 5 == 0) != (split == "heldout"):
+            continue
+        seen.add((a, b))
+        prompts.append(f"what is {a} * {b} ?")
+    return prompts
+
+
+TASKS = {"refund": RefundCustomer, "calculator": Calculator}
+
+
+def load_task(spec: Any) -> DialogueTask:
+    """A task object: itself, a built-in name (`refund`, `calculator`), or `module:name` of a task class or
+    object (a class is instantiated with no arguments)."""
+    if not isinstance(spec, str):
+        if not callable(getattr(spec, "reply", None)):
+            raise TypeError(f"a dialogue task needs a reply(prompt, turns) method; got {spec!r:.80}")
+        return spec
+    if spec in TASKS:
+        return TASKS[spec]()
+    module_name, sep, name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"dialogue task {spec!r}: expected a built-in task ({', '.join(TASKS)}) or 'module:name'")
+    try:
+        found = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"dialogue task {spec!r} cannot be loaded: {error}") from error
+    return load_task(found() if isinstance(found, type) else found)
+
+
+# ---------------------------------------------------------------------------------------------- the envs
+
+
+class DialogueVectorEnv(TextGenerationVectorEnv):
+    """`num_envs` conversations as arrays (`envs.vector.TextGenerationVectorEnv`'s state and reset).
+
+    Args beyond the text env's: `task` (`load_task`), `max_turns` (assistant turns per episode),
+    `max_env_tokens` (the tokens appended after one assistant turn: a message and the template's marks
+    around it; more is the task's error). `max_new_tokens` is
+    the budget of one assistant turn; `max_length` the whole conversation's, by default the longest prompt
+    plus `max_turns` turns and the messages between them. `reward_fn` scores (prompt, transcript).
+
+    The observation adds `action_mask` (L,): 1 on the assistant's tokens. Infos of a step: for each env
+    whose turn ended and whose conversation goes on, `appended` (the token ids added after its last action:
+    the rest of the turn end, the message, the next generation prompt); for each finished one, `prompt`,
+    `response` (the transcript), `turns` ([{role, content}]) and the text env's keys.
+    """
+
+    def __init__(self, num_envs: int = 1, tokenizer: Any = "rlhf-ray/tiny-chat-gpt2",
+                 prompts: list[str] | None = None, task: Any = "refund", reward_fn: RewardSpec | None = None,
+                 max_new_tokens: int = 8, max_turns: int = 3, max_env_tokens: int = 24,
+                 max_length: int | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+                 copy: bool = True, stop_token_ids: Any = None):
+        self.dialogue = load_task(task)
+        self.max_turns = _positive(max_turns, "max_turns")
+        self.max_env_tokens = _positive(max_env_tokens, "max_env_tokens")
+        builtin = task if isinstance(task, str) and task in TASKS else None
+        if prompts is None:
+            if builtin is None:
+                raise ValueError("a dialogue task other than the built-in ones needs its prompts")
+            prompts = refund_prompts() if builtin == "refund" else calculator_prompts()
+        if reward_fn is None:
+            if builtin is None:
+                raise ValueError("a dialogue task other than the built-in ones needs its reward_fn")
+            reward_fn = refund_reward if builtin == "refund" else calculator_reward
+        spec, tokenizer = tokenizer, resolve_tokenizer(tokenizer)
+        self.format = ChatFormat.of(tokenizer)
+        if stop_token_ids is None:  # EOS, the model's end-of-turn ids, and the template's end of turn when one token
+            stop_token_ids = set(default_stop_token_ids(spec, tokenizer))
+            end = tokenizer(self.format.turn_end.strip(), add_special_tokens=False)["input_ids"]
+            stop_token_ids.update(end[:1] if len(end) == 1 else [])
+        # plain opening messages become the user's turn; a prompt already rendered in the template stays as it is
+        prompts = [format_prompt(tokenizer, prompt, chat=True) for prompt in prompts]
+        probe = TextGenerationTask.build(tokenizer, prompts, reward_fn, max_new_tokens, 10**9, stop_token_ids)
+        if max_length is None:
+            max_length = int(probe.prompt_lengths.max()) + self.max_turns * max_new_tokens + (
+                self.max_turns - 1) * self.max_env_tokens
+        super().__init__(num_envs, tokenizer, prompts, probe.reward_fn, max_new_tokens, max_length,
+                         autoreset_mode, copy, probe.stop_token_ids)
+        self.single_observation_space = spaces.Dict({
+            **self.single_observation_space.spaces,
+            "action_mask": spaces.Box(0, 1, shape=(self.max_length,), dtype=np.int8)})
+        from gymnasium.vector.utils import batch_space
+
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        n = self.num_envs
+        self.action_mask = np.zeros((n, self.max_length), dtype=np.int8)  # (N, L)
+        self.turn_start = np.zeros(n, dtype=np.int64)  # (N,) where the assistant's current turn began
+        self.turns: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        observations, infos = super().reset(seed=seed, options=options)
+        mask = (options or {}).get("reset_mask")
+        envs = np.flatnonzero(mask) if mask is not None else np.arange(self.num_envs)
+        self._start(envs)
+        return self._observations(), infos
+
+    def _start(self, envs: np.ndarray) -> None:
+        self.action_mask[envs] = 0
+        self.turn_start[envs] = self.lengths[envs]
+        for env in envs:
+            self.turns[env] = []
+
+    def _load_prompt_indices(self, envs: np.ndarray, indices: np.ndarray) -> None:
+        super()._load_prompt_indices(envs, indices)
+        if hasattr(self, "turns"):  # an autoreset (NEXT_STEP) starts conversations here
+            self._start(envs)
+
+    def step(self, actions: Any):
+        stepping, tokens, active = self._append_actions(actions)
+        self.action_mask[stepping, self.lengths[stepping] - 1] = 1
+        n = self.num_envs
+        stop = np.zeros(n, dtype=bool)
+        stop[stepping] = self.task.ends_response(tokens)
+        turn_over = active & (stop | (self.lengths - self.turn_start >= self.max_new_tokens)
+                              | (self.lengths >= self.max_length))
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        appended = np.full(n, None, dtype=object)
+        for env in np.flatnonzero(turn_over):
+            ids = self.tokens[env, self.turn_start[env]:self.lengths[env]]
+            self.turns[env].append(("assistant", self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()))
+            done = sum(role == "assistant" for role, _ in self.turns[env]) >= self.max_turns
+            reply = None if done else self.dialogue.reply(self._prompt_text(env), list(self.turns[env]))
+            if reply is None:
+                terminated[env], truncated[env] = not done, done
+                continue
+            if reply.role not in ROLES:
+                raise ValueError(f"dialogue task {type(self.dialogue).__name__}: a reply's role is {reply.role!r}; "
+                                 f"expected one of {ROLES}")
+            stop_text = self.tokenizer.decode([int(ids[-1])]) if stop[env] else None
+            text = self.format.after_turn(stop_text) + self.format.message(reply.role, reply.content)
+            new = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            if new.size > self.max_env_tokens:
+                raise ValueError(f"dialogue task {type(self.dialogue).__name__}: a {reply.role} message of "
+                                 f"{new.size} tokens ({reply.content!r:.80}); max_env_tokens is {self.max_env_tokens}")
+            if self.lengths[env] + new.size >= self.max_length:  # no room for the reply and a token after it
+                truncated[env] = True
+                continue
+            self.tokens[env, self.lengths[env]:self.lengths[env] + new.size] = new
+            self.lengths[env] += new.size
+            self.turn_start[env] = self.lengths[env]
+            self.turns[env].append((reply.role, reply.content))
+            appended[env] = new
+        finished = terminated | truncated
+        self.ended |= finished
+        rewards = np.zeros(n, dtype=np.float64)
+        infos: dict[str, Any] = {}
+        has_appended = np.array([a is not None for a in appended])
+        if has_appended.any():
+            infos["appended"], infos["_appended"] = appended, has_appended
+        if finished.any():
+            rewards, scored = self._score(np.flatnonzero(finished), finished)
+            turns = np.full(n, None, dtype=object)
+            for env in np.flatnonzero(finished):
+                turns[env] = [{"role": role, "content": text} for role, text in self.turns[env]]
+            infos.update(scored, turns=turns, _turns=finished.copy())
+        return self._observations(), rewards, terminated, truncated, infos
+
+    def _response_texts(self, envs: np.ndarray) -> list[str]:
+        return [self.format.transcript(self.turns[env]) for env in envs]
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        observations = super()._observations()
+        if hasattr(self, "action_mask"):
+            observations["action_mask"] = self.action_mask.copy() if self.copy else self.action_mask
+        return observations
+
+
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class DialogueEnv(gym.Env):
+    """One conversation at a time: `DialogueVectorEnv` with one env, as a Gymnasium `Env` (same arguments)."""
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, render_mode: str | None = None, **kwargs):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode {render_mode!r} is not supported; expected None or 'ansi'")
+        self.render_mode = render_mode
+        self.vector = DialogueVectorEnv(num_envs=1, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
+        self.observation_space = self.vector.single_observation_space
+        self.action_space = self.vector.single_action_space
+        self._over = True
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"prompt", "prompt_index", "prompt_ids"}
+        if unknown or len(options) > 1:
+            raise ValueError(f"reset options {sorted(options)}: expected at most one of 'prompt', 'prompt_index', "
+                             "'prompt_ids'")
+        if "prompt_index" in options:
+            index = self.vector.task.check_prompt_index(options["prompt_index"], "options['prompt_index']")
+        elif not options:
+            index = int(self.np_random.integers(len(self.vector.prompts)))
+        vector_options = ({"prompt_indices": np.array([index])} if not options or "prompt_index" in options
+                          else {"prompts": [options["prompt"]]} if "prompt" in options
+                          else {"prompt_ids": [options["prompt_ids"]]})
+        observations, infos = self.vector.reset(options=vector_options)
+        self._over = False
+        return _first(observations), {key: value[0] for key, value in infos.items() if not key.startswith("_")}
+
+    def step(self, action: Any):
+        if self._over:
+            raise RuntimeError("step() called after the episode ended (or before the first reset); call reset() first")
+        array = np.asarray(action)
+        if array.shape != () or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"action must be one integer token id, got {action!r}")
+        observations, rewards, terminated, truncated, infos = self.vector.step(array.reshape(1))
+        self._over = bool(terminated[0] or truncated[0])
+        info = {key: value[0] for key, value in infos.items() if not key.startswith("_") and infos[f"_{key}"][0]}
+        return _first(observations), float(rewards[0]), bool(terminated[0]), bool(truncated[0]), info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        vector = self.vector
+        return vector._prompt_text(0) + vector.format.transcript(vector.turns[0])
+
+
+def _first(observations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: np.array(value[0]) for key, value in observations.items()}
