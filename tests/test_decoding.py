@@ -124,3 +124,35 @@ def test_tokens_the_environment_appends_to_live_rows_give_the_logits_of_each_who
         with pytest.raises(ValueError, match=r"rows \[1\] are not live"):
             batch.extend(np.array([1]), [prompt(2, 7)])
     assert checked == 3 * 18 and batch.capacity > 8
+
+
+def test_holes_left_by_extends_are_compacted_and_every_row_keeps_its_logits(tiny):
+    """Rows answered at different steps leave holes in each other's columns; when the cache is full and a
+    quarter of the live columns are holes, `DecodeBatch` moves each row's columns together (positions are in
+    the cached keys already), so the cache stays as wide as the longest conversation, and the logits of every
+    row still equal a forward pass over its whole conversation. A retired row stays filler through it."""
+    model, tokenizer = tiny
+    batch = DecodeBatch(model, tokenizer.pad_token_id, capacity=16, max_capacity=96)
+    sequences = [prompt(3, 0), prompt(4, 1), prompt(5, 2), prompt(2, 3)]
+    appended = 0
+    with torch.inference_mode():
+        logits = batch.prefill(sequences)
+        for step in range(24):
+            for row, sequence in enumerate(sequences):
+                if row != 3 or step < 2:
+                    torch.testing.assert_close(logits[row], alone(model, sequence), rtol=1e-4, atol=1e-4)
+            tokens = torch.argmax(logits, dim=-1)
+            for row, sequence in enumerate(sequences):
+                sequence.append(int(tokens[row]))
+            if step == 2:
+                batch.retire(np.array([3]))  # filler from now on
+            logits = batch.decode(tokens)
+            row = step % 3  # one row answered each step: every extend is a hole in the two others
+            reply = prompt(4, 10 + step)
+            sequences[row].extend(reply)
+            appended += len(reply)
+            logits[row] = batch.extend(np.array([row]), [reply])[0]
+        longest = max(len(s) for s in sequences[:3])
+    # without compaction the columns would hold every row's replies: the prompts, 24 steps and 96 appended
+    # tokens, more than max_capacity
+    assert longest <= batch.length <= 96 < 5 + 24 + appended
