@@ -403,6 +403,10 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
         self.turns: list[list[tuple[str, str]]] = [[] for _ in range(n)]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if options and "prompts" in options and not isinstance(options["prompts"], (str, bytes)):
+            # plain opening messages become the user's turn, as the env's own prompts do
+            options = {**options, "prompts": [format_prompt(self.tokenizer, p, chat=True) if isinstance(p, str) else p
+                                              for p in options["prompts"]]}
         observations, infos = super().reset(seed=seed, options=options)
         mask = (options or {}).get("reset_mask")
         envs = np.flatnonzero(mask) if mask is not None else np.arange(self.num_envs)
@@ -433,10 +437,12 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
         for env in np.flatnonzero(turn_over):
             ids = self.tokens[env, self.turn_start[env]:self.lengths[env]]
             self.turns[env].append(("assistant", self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()))
-            done = sum(role == "assistant" for role, _ in self.turns[env]) >= self.max_turns
-            reply = None if done else self.dialogue.reply(self._prompt_text(env), list(self.turns[env]))
-            if reply is None:
-                terminated[env], truncated[env] = not done, done
+            reply = self.dialogue.reply(self._prompt_text(env), list(self.turns[env]))
+            if reply is None:  # the user is done (the goal met, or they left), or the tool's task is answered
+                terminated[env] = True
+                continue
+            if sum(role == "assistant" for role, _ in self.turns[env]) >= self.max_turns:
+                truncated[env] = True
                 continue
             if reply.role not in ROLES:
                 raise ValueError(f"dialogue task {type(self.dialogue).__name__}: a reply's role is {reply.role!r}; "

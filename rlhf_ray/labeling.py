@@ -79,17 +79,18 @@ def pair_id(index: int, prompt: str, response_a: str, response_b: str) -> str:
 # --- Step 1: sampling ---------------------------------------------------------------------------------
 
 def sample_pairs(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, temperature: float = 1.0,
-                 seed: int = 0, chat_template: bool | None = None) -> SampledPairs:
+                 seed: int = 0, chat_template: bool | None = None, dialogue=None) -> SampledPairs:
     """Two responses per prompt, drawn with seeds `episode_seed(seed, 0, i)` and `episode_seed(seed, 1, i)`.
 
     `chat_template=None` samples in the tokenizer's chat template when it has one. Which prompts share a
-    batch does not change any response (each episode's randomness comes from its own seed).
+    batch does not change any response (each episode's randomness comes from its own seed). `dialogue`
+    (`DialogueParams`): each response is a whole conversation with the task's user or tool, as a transcript.
     """
     from rlhf_ray.rollout.sampler import Sampler, SamplingParams, episode_seed
 
     chat = use_chat_template(tokenizer, chat_template)
     sampler = Sampler(model, tokenizer, lambda p, r: [0.0] * len(r),  # no reward is needed to sample
-                      SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature))
+                      SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, dialogue=dialogue))
     pairs, identical, blank = [], 0, 0
     for start in range(0, len(prompts), SAMPLING_BATCH_PROMPTS):
         chunk = range(start, min(start + SAMPLING_BATCH_PROMPTS, len(prompts)))
@@ -302,8 +303,13 @@ def _pairs_for(args, pairs_path: Path, tokenizer) -> list[Pair]:
         return pairs
     prompts = [r.prompt for r in load_prompts(args.prompts, field=args.prompt_field, limit=args.num_prompts)]
     model, _ = load_policy(args.policy)
+    dialogue = None
+    if args.dialogue is not None:
+        from rlhf_ray.rollout.sampler import DialogueParams
+
+        dialogue = DialogueParams(args.dialogue, max_turns=args.max_turns)
     sampled = sample_pairs(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed)
+                           temperature=args.temperature, seed=args.seed, dialogue=dialogue)
     write_pairs(sampled.pairs, pairs_path)
     print(f"pairs: {len(sampled.pairs)} of {len(prompts)} prompts sampled to {pairs_path} "
           f"({sampled.identical} left out with identical responses, {sampled.blank} with a blank one)")
@@ -365,6 +371,10 @@ def add_label_commands(subparsers) -> None:
     label.add_argument("--max-new-tokens", type=positive_int, default=16)
     label.add_argument("--temperature", type=positive_float, default=1.0)
     label.add_argument("--seed", type=int, default=0, help="the same seed gives the same pairs (default: 0)")
+    label.add_argument("--dialogue", default=None, metavar="TASK",
+                       help="sample whole conversations with a task's user or tool (refund, calculator or "
+                            "module:name; --max-new-tokens is then one turn's)")
+    label.add_argument("--max-turns", type=positive_int, default=3, help="assistant turns of a --dialogue (default: 3)")
     label.add_argument("--margin", type=non_negative_float, default=0.0,
                        help="scripted annotators: a score difference <= margin is a tie (default: 0.0)")
     label.set_defaults(func=cmd_label)

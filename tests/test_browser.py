@@ -62,14 +62,18 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+CONVERSATION = "your order number ? <|end|> <|user|> it is 427 <|end|> <|assistant|> refund 427 done"
+
+
 @pytest.fixture(scope="module")
 def site(tiny_model_dir, tmp_path_factory):
     """Annotators, a pairs queue and a study made with the commands, then `rlhf-ray serve` on that database."""
     folder = tmp_path_factory.mktemp("pages")
     db = folder / "feedback.db"
-    pairs = write_jsonl(folder / "pairs.jsonl", [
-        {"id": f"{i:05d}-pair", "prompt": f"the movie number {i} was", "response_a": f" good {i}",
-         "response_b": f" bad {i}"} for i in range(11)])
+    pairs = [{"id": f"{i:05d}-pair", "prompt": f"the movie number {i} was", "response_a": f" good {i}",
+              "response_b": f" bad {i}"} for i in range(11)]
+    pairs[10]["response_a"] = CONVERSATION  # a dialogue's answer: a whole conversation
+    pairs = write_jsonl(folder / "pairs.jsonl", pairs)
     prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": f"question {i}"} for i in range(20)])
     answers_a = write_jsonl(folder / "a.jsonl", [{"prompt": f"question {i}", "response": f"alpha {i}"}
                                                  for i in range(20)])
@@ -190,6 +194,7 @@ def test_a_visit_labels_chats_and_runs_a_blind_study(site, browser):
         press(browser, KEYS[choice], item)
         assert message(browser).startswith("Saved label"), message(browser)
     last = current_item(browser)
+    assert browser.find_element(By.ID, "answer-a").text == "your order number ?\n[user] it is 427\n[assistant] refund 427 done"
     browser.execute_script("const b = document.getElementById('choose-B'); b.click(); b.click();")  # a double click
     wait(browser, lambda d: shown(d, "done"), "the end of the queue")
     assert "Nothing left" in browser.find_element(By.ID, "done").text and message(browser).startswith("Saved label")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import envs  # noqa: F401  (registers the envs)
+from envs import DIALOGUE_ENV_ID  # importing envs registers the environments
 from envs.dialogue import (
     Calculator, ChatFormat, DialogueVectorEnv, RefundCustomer, Reply, calculator_reward, load_task, order_number,
-    refund_reward, refund_success, split_turns,
+    refund_prompts, refund_reward, refund_success, split_turns,
 )
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.data.chat import format_prompt
@@ -102,6 +102,32 @@ def test_the_calculator_tool_and_reward_by_hand():
         calculator_reward(["hello"], ["1"])
 
 
+def test_reports_and_pages_show_a_conversation_turn_by_turn():
+    from rlhf_ray.evaluation.report import readable
+
+    assert readable("order ? <|end|> <|user|> it is 427 <|end|> <|assistant|> refund") == \
+        "order ?\n[user] it is 427\n[assistant] refund"
+    assert readable("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello") == "[user] hi\n[assistant] hello"
+    assert readable("the movie was good") == "the movie was good"
+
+
+def test_rlhf_ray_label_samples_whole_conversations_and_prefers_the_better_one(tmp_path):
+    import json
+
+    from rlhf_ray.cli import main
+
+    out = tmp_path / "prefs.jsonl"
+    assert main(["label", "--policy", "rlhf-ray/tiny-chat-gpt2", "--prompts",
+                 "experiments/data/dialogue/refund_train.jsonl", "--out", str(out), "--num-prompts", "12",
+                 "--annotator", "scripted:envs.dialogue:refund_reward", "--dialogue", "refund", "--max-turns", "2",
+                 "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and {row["prompt"] for row in rows} <= set(refund_prompts())  # the raw openings
+    for row in rows:
+        assert "<|user|>" in row["chosen"] + row["rejected"]  # a conversation, not one answer
+        assert refund_reward([row["prompt"]], [row["chosen"]])[0] > refund_reward([row["prompt"]], [row["rejected"]])[0]
+
+
 def test_load_task_names_what_it_could_not_load():
     assert isinstance(load_task("calculator"), Calculator)
     assert isinstance(load_task("envs.dialogue:RefundCustomer"), RefundCustomer)
@@ -113,7 +139,7 @@ def test_load_task_names_what_it_could_not_load():
 
 @pytest.mark.parametrize("task", ["refund", "calculator"])
 def test_dialogue_env_passes_gymnasiums_checker(task):
-    env = gymnasium.make("rlhf_ray/Dialogue-v0", task=task)
+    env = gymnasium.make(DIALOGUE_ENV_ID, task=task)
     check_env(env.unwrapped, skip_render_check=True)
 
 
@@ -267,6 +293,14 @@ def test_rlhf_ray_train_learns_the_refund_dialogue_and_runs_the_calculator(tmp_p
     assert evals[0][1] <= 0.1 and evals[-1][1] >= 0.75 and evals[-1][2] > 0, evals
     trained = [r for r in rows if "rollout/logprob_diff_max" in r]
     assert trained and max(r["rollout/logprob_diff_max"] for r in trained) < 1e-3
+    # `rlhf-ray eval` samples whole conversations too, and its report shows them turn by turn
+    proc = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "eval", str(tmp_path / "dialogue_refund"),
+                           "--num-prompts", "6", "--judge", "envs.dialogue:refund_success"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "dialogue_refund" / "eval" / "eval.json").read_text())
+    assert report["win_rate"] > 0.5 and all("<|user|>" in s["reference_response"] for s in report["samples"])
+    assert "[user] it is " in (tmp_path / "dialogue_refund" / "eval" / "report.html").read_text()
     proc = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", "experiments/dialogue_calculator.yaml",
                            f"output_dir={tmp_path}", "train.iterations=2", "train.eval_every=2", "train.eval_prompts=4",
                            "rollout.batch_size=4", "ppo.minibatch_size=16"],

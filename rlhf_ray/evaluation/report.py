@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -156,14 +157,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], css_class: str)
     return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def readable(text: str) -> str:
+    """A conversation as people read it (a dialogue's response, a chat-formatted prompt): one "[role]" line per
+    turn instead of the chat template's marks (ChatML's and the task tokenizer's); other text as it is. The
+    feedback pages show answers the same way (`readable` in serve/pages/ui.js)."""
+    text = re.sub(r"<\|im_start\|>(\w+)\n", r"\n[\1] ", text)
+    text = re.sub(r"\s*<\|(system|user|assistant|tool)\|>\s*", r"\n[\1] ", text)
+    text = re.sub(r"\s*(<\|im_end\|>|<\|end\|>)\s*", "\n", text)
+    return re.sub(r"\n{2,}", "\n", text).strip()
+
+
 def samples_table(result: EvalResult, count: int) -> str:
     """The first `count` prompts with the reference's response (before) and the policy's (after)."""
     has_targets = any(s.target is not None for s in result.samples)
     header = ["prompt"] + (["dataset response"] if has_targets else []) + [
         "before (reference)", "reward", "after (policy)", "reward", "KL"]
-    rows = [[s.prompt_text] + ([s.target or ""] if has_targets else []) + [
-        s.reference_response, f"{s.reference_reward:+.3f}", s.policy_response, f"{s.policy_reward:+.3f}",
-        f"{s.kl:.3f}"] for s in result.samples[:count]]
+    rows = [[readable(s.prompt_text)] + ([s.target or ""] if has_targets else []) + [
+        readable(s.reference_response), f"{s.reference_reward:+.3f}", readable(s.policy_response),
+        f"{s.policy_reward:+.3f}", f"{s.kl:.3f}"] for s in result.samples[:count]]
     return _table(header, rows, "samples")
 
 

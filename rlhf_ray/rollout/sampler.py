@@ -14,6 +14,12 @@ Details that decide whether PPO trains (shared/PPO_DETAILS.md):
   tokens do not depend on which other prompts share its batch or worker (up to float rounding of
   other batch shapes: a draw within rounding of a token boundary can fall the other way).
 
+Multi-turn episodes (`params.dialogue`, `envs.dialogue.DialogueVectorEnv`): when a row's assistant turn ends
+and the conversation goes on, the env returns the tokens it appends (the user's or the tool's message in the
+chat template, encoded once); the sampler records them as context (action mask 0, log-prob 0) and puts them
+into the row's KV cache with one forward pass over them (`DecodeBatch.extend`), after the step that fed the
+turn's last token, so nothing is prefilled twice and the ids the learner trains on are the ids decoded.
+
 What keeps it fast (shared/DESIGN.md, "What is hard"; experiments/bench_rollout.py measures it against
 HF `generate`), none of which changes a token or a log-probability:
 - the output layer runs on the last position only (`logits_to_keep=1`, as `generate` does);

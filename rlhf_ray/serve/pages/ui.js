@@ -10,6 +10,17 @@ function say(text, kind = "info") {
   box.className = kind;
 }
 
+// A conversation as people read it: the chat template's marks (ChatML's, the task tokenizer's) become one
+// "[role]" line per turn. A dialogue's answer is a whole conversation; a served chat's prompt is one too.
+function readable(text) {
+  return text
+    .replace(/<\|im_start\|>(\w+)\n/g, "\n[$1] ")
+    .replace(/\s*<\|(system|user|assistant|tool)\|>\s*/g, "\n[$1] ")
+    .replace(/\s*(<\|im_end\|>|<\|end\|>)\s*/g, "\n")
+    .replace(/\n{2,}/g, "\n")
+    .trim();
+}
+
 async function call(method, path, body, headers = {}) {
   const response = await fetch(path, {
     method,
@@ -66,9 +77,9 @@ async function loadNext() {
   $("#done").classList.toggle("hidden", !!next.item);
   if (!next.item) return;
   $("#item").dataset.itemId = next.item.id;
-  $("#prompt").textContent = next.item.prompt;
-  $("#answer-a").textContent = next.item.response_a;
-  $("#answer-b").textContent = next.item.response_b;
+  $("#prompt").textContent = readable(next.item.prompt);
+  $("#answer-a").textContent = readable(next.item.response_a);
+  $("#answer-b").textContent = readable(next.item.response_b);
   for (const id of ["#comment", "#rating-a", "#rating-b"]) if ($(id)) $(id).value = "";
 }
 
