@@ -46,6 +46,7 @@ from gymnasium.vector import AutoresetMode
 from envs.text_generation import TextGenerationTask, default_stop_token_ids, resolve_tokenizer
 from envs.vector import TextGenerationVectorEnv
 from rlhf_ray.data.chat import format_prompt
+from rlhf_ray.errors import TaskError
 from rlhf_ray.rewards import RewardSpec
 
 ROLES = ("user", "tool")  # who answers the assistant
@@ -325,21 +326,28 @@ TASKS = {"refund": RefundCustomer, "calculator": Calculator}
 
 def load_task(spec: Any) -> DialogueTask:
     """A task object: itself, a built-in name (`refund`, `calculator`), or `module:name` of a task class or
-    object (a class is instantiated with no arguments)."""
+    object (a class is instantiated with no arguments). What cannot be loaded is a `TaskError` naming it."""
     if not isinstance(spec, str):
         if not callable(getattr(spec, "reply", None)):
-            raise TypeError(f"a dialogue task needs a reply(prompt, turns) method; got {spec!r:.80}")
+            raise TaskError(f"dialogue task {spec!r:.80} has no reply(prompt, turns) method")
         return spec
     if spec in TASKS:
         return TASKS[spec]()
     module_name, sep, name = spec.partition(":")
     if not sep:
-        raise ValueError(f"dialogue task {spec!r}: expected a built-in task ({', '.join(TASKS)}) or 'module:name'")
+        raise TaskError(f"dialogue task {spec!r}: expected a built-in task ({', '.join(TASKS)}) or 'module:name'")
     try:
         found = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"dialogue task {spec!r} cannot be loaded: {error}") from error
-    return load_task(found() if isinstance(found, type) else found)
+        task = found() if isinstance(found, type) else found
+    except Exception as error:  # an import, a missing name, a constructor that raises: the same every time
+        raise TaskError(f"dialogue task {spec!r} cannot be loaded: {type(error).__name__}: {error}") from error
+    if not callable(getattr(task, "reply", None)):
+        raise TaskError(f"dialogue task {spec!r} has no reply(prompt, turns) method")
+    return task
+
+
+def task_name(spec: Any) -> str:
+    return spec if isinstance(spec, str) else type(spec).__name__
 
 
 # ---------------------------------------------------------------------------------------------- the envs
@@ -365,7 +373,7 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
                  max_new_tokens: int = 8, max_turns: int = 3, max_env_tokens: int = 24,
                  max_length: int | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
                  copy: bool = True, stop_token_ids: Any = None):
-        self.dialogue = load_task(task)
+        self.dialogue, self.task_name = load_task(task), task_name(task)
         self.max_turns = _positive(max_turns, "max_turns")
         self.max_env_tokens = _positive(max_env_tokens, "max_env_tokens")
         builtin = task if isinstance(task, str) and task in TASKS else None
@@ -437,22 +445,20 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
         for env in np.flatnonzero(turn_over):
             ids = self.tokens[env, self.turn_start[env]:self.lengths[env]]
             self.turns[env].append(("assistant", self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()))
-            reply = self.dialogue.reply(self._prompt_text(env), list(self.turns[env]))
+            reply = self._reply(env)
             if reply is None:  # the user is done (the goal met, or they left), or the tool's task is answered
                 terminated[env] = True
                 continue
             if sum(role == "assistant" for role, _ in self.turns[env]) >= self.max_turns:
                 truncated[env] = True
                 continue
-            if reply.role not in ROLES:
-                raise ValueError(f"dialogue task {type(self.dialogue).__name__}: a reply's role is {reply.role!r}; "
-                                 f"expected one of {ROLES}")
             stop_text = self.tokenizer.decode([int(ids[-1])]) if stop[env] else None
             text = self.format.after_turn(stop_text) + self.format.message(reply.role, reply.content)
             new = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
             if new.size > self.max_env_tokens:
-                raise ValueError(f"dialogue task {type(self.dialogue).__name__}: a {reply.role} message of "
-                                 f"{new.size} tokens ({reply.content!r:.80}); max_env_tokens is {self.max_env_tokens}")
+                raise TaskError(f"dialogue task {self.task_name!r}: a {reply.role} message of {new.size} tokens "
+                                f"with the template's marks ({reply.content!r:.80}); rollout.dialogue.max_env_tokens "
+                                f"is {self.max_env_tokens}")
             if self.lengths[env] + new.size >= self.max_length:  # no room for the reply and a token after it
                 truncated[env] = True
                 continue
@@ -475,6 +481,20 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
                 turns[env] = [{"role": role, "content": text} for role, text in self.turns[env]]
             infos.update(scored, turns=turns, _turns=finished.copy())
         return self._observations(), rewards, terminated, truncated, infos
+
+    def _reply(self, env: int) -> Reply | None:
+        """The task's answer to env `env`'s last turn, checked: a `TaskError` names the task and what went wrong."""
+        prompt = self._prompt_text(env)
+        try:
+            reply = self.dialogue.reply(prompt, list(self.turns[env]))
+        except Exception as error:
+            raise TaskError(f"dialogue task {self.task_name!r} raised {type(error).__name__}: {error} (replying to "
+                            f"turn {len(self.turns[env])} of the conversation opened by {prompt!r:.80})") from error
+        if reply is not None and not (isinstance(reply, Reply) and reply.role in ROLES
+                                      and isinstance(reply.content, str)):
+            raise TaskError(f"dialogue task {self.task_name!r} returned {reply!r:.80}; expected None (the "
+                            f"conversation is over) or Reply(role, content) with a role in {ROLES} and str content")
+        return reply
 
     def _response_texts(self, envs: np.ndarray) -> list[str]:
         return [self.format.transcript(self.turns[env]) for env in envs]

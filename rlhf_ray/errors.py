@@ -7,7 +7,7 @@ tracebacks ("the run stalled", "one bad actor killed the run").
 
     RunStopped          the run ends now, without a retry: retrying cannot help
       UserError         the user's reward function, dataset, model path or config is wrong
-                        (RewardError, DataError, ConfigError, PreflightError derive from it)
+                        (RewardError, TaskError, DataError, ConfigError, PreflightError derive from it)
       (others)          a bounded wait ran out (`WaitTimeout`), a bounded retry budget was spent
 
 Everything else (a lost actor, a dead node, an OOM kill) is a fault and keeps being retried. The
@@ -33,6 +33,11 @@ class RewardError(UserError, ValueError):
     Here rather than in `rewards/base.py`, so the reward adapters (`rewards/reward_model.py`) raise it
     without importing the module that dispatches to them.
     """
+
+
+class TaskError(UserError, ValueError):
+    """A multi-turn task (`envs.dialogue`: its user or tool) that cannot be loaded, raised, or answered with
+    something other than a `Reply` or None; the message names the task."""
 
 
 class WaitTimeout(RunStopped, TimeoutError):

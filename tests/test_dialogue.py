@@ -1,6 +1,8 @@
 """Multi-turn episodes: the task tokenizer, the chat format, the tasks' users and tools, the Dialogue-v0 envs,
 the sampler carrying the KV cache across turns, and the learner's masks."""
 
+from pathlib import Path
+
 import gymnasium
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from envs.dialogue import (
 )
 from rlhf_ray.config import PPOConfig
 from rlhf_ray.data.chat import format_prompt
+from rlhf_ray.errors import TaskError
 from rlhf_ray.learner.ppo import make_experience
 from rlhf_ray.models import build_tiny_model
 from rlhf_ray.models.forward import pack, response_logprobs
@@ -131,10 +134,29 @@ def test_rlhf_ray_label_samples_whole_conversations_and_prefers_the_better_one(t
 def test_load_task_names_what_it_could_not_load():
     assert isinstance(load_task("calculator"), Calculator)
     assert isinstance(load_task("envs.dialogue:RefundCustomer"), RefundCustomer)
-    with pytest.raises(ValueError, match="'nope'.*built-in task"):
+    with pytest.raises(TaskError, match="'nope'.*built-in task"):
         load_task("nope")
-    with pytest.raises(ValueError, match="envs.dialogue:Missing.*cannot be loaded"):
+    with pytest.raises(TaskError, match="'envs.dialogue:Missing' cannot be loaded: AttributeError"):
         load_task("envs.dialogue:Missing")
+
+
+@pytest.mark.parametrize("task, expected", [
+    ("user_code:RaisingUser", "rlhf-ray: rollout.dialogue.task: dialogue task 'user_code:RaisingUser' raised "
+                              "KeyError: 'number' (replying to turn 1 of the conversation opened by"),
+    ("user_code:WrongReply", "rlhf-ray: rollout.dialogue.task: dialogue task 'user_code:WrongReply' returned "
+                             "'it is 427'; expected None (the conversation is over) or Reply(role, content)"),
+    ("user_code:Nowhere", "rlhf-ray: rollout.dialogue.task: dialogue task 'user_code:Nowhere' cannot be loaded: "
+                          "AttributeError"),
+])
+def test_a_broken_task_is_one_line_naming_it_before_ray_starts(tmp_path, capsys, monkeypatch, task, expected):
+    from rlhf_ray.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # user_code, as a user's own module
+    status = main(["train", "experiments/dialogue_refund.yaml", f"rollout.dialogue.task={task}",
+                   f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.strip().splitlines()[-1].startswith(expected), err[-2000:]
+    assert not (tmp_path / "dialogue_refund").exists()
 
 
 @pytest.mark.parametrize("task", ["refund", "calculator"])

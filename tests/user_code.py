@@ -55,3 +55,17 @@ def slow(prompts, responses):
     """Answers, after a while (a busy service)."""
     time.sleep(float(os.environ.get("USER_CODE_SLOW_S", "20")))
     return [0.0] * len(prompts)
+
+
+class RaisingUser:
+    """A multi-turn task's user whose reply raises (tests/test_dialogue.py)."""
+
+    def reply(self, prompt, turns):
+        return {"order": "427"}["number"]
+
+
+class WrongReply:
+    """A multi-turn task's user that answers with a bare string instead of a Reply."""
+
+    def reply(self, prompt, turns):
+        return "it is 427"

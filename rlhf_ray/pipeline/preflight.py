@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.errors import UserError, one_line
+from rlhf_ray.errors import TaskError, UserError, one_line
 
 SAMPLE_PROMPTS = 4  # prompts of the run the reward is called on
 SAMPLE_TOKENS = 8  # new tokens per sampled response
@@ -143,6 +143,8 @@ def sample_responses(config: RunConfig, policy_path: Path | None, prompts: list[
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     try:
         episodes = sampler.generate(ids, [episode_seed(config.seed, 0, i) for i in range(len(ids))])
+    except TaskError as err:  # the task's user or tool raised or answered wrongly
+        raise PreflightError(f"rollout.dialogue.task: {one_line(err)}") from err
     except UserError as err:  # a prompt that does not fit rollout.max_length
         raise PreflightError(f"data: {one_line(err)}") from err
     report.checked.append(f"{len(episodes)} responses sampled from model.policy")
@@ -155,7 +157,7 @@ def check_dialogue(config: RunConfig, policy_path: Path | None, report: Prefligh
 
     try:
         load_task(config.rollout.dialogue.task)
-    except (ValueError, TypeError) as err:
+    except TaskError as err:
         raise PreflightError(f"rollout.dialogue.task: {one_line(err)}") from err
     if policy_path is not None:
         from rlhf_ray.models import load_tokenizer
