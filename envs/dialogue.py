@@ -309,7 +309,10 @@ def calculator_reward(prompts: list[str], responses: list[str]) -> np.ndarray:
 
 
 def calculator_prompts(split: str = "train", count: int = 64, seed: int = 0) -> list[str]:
-    """'what is A * B ?' with A in 10..99 and B in 2..9: train and held-out draw from disjoint pairs."""
+    """'what is A * B ?' with A in 10..99 and B in 2..9: train and held-out draw from disjoint pairs (held out:
+    A + B a multiple of 5)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = random.Random(seed)
     prompts, seen = [], set()
     while len(prompts) < count:

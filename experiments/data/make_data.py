@@ -334,18 +334,11 @@ def dialogue_datasets() -> dict[str, list[dict]]:
     from envs.dialogue import calculator_prompts, refund_prompts
 
     datasets = {}
-    for split, name in (("train", "train"), ("heldout", "heldout")):
-        datasets[f"dialogue/refund_{name}.jsonl"] = [{"prompt": p} for p in refund_prompts(split)]
-        datasets[f"dialogue/calculator_{name}.jsonl"] = [
+    for split in ("train", "heldout"):
+        datasets[f"dialogue/refund_{split}.jsonl"] = [{"prompt": p} for p in refund_prompts(split)]
+        datasets[f"dialogue/calculator_{split}.jsonl"] = [
             {"prompt": p} for p in calculator_prompts(split, count=200 if split == "train" else 48)]
-        # for an instruct model (SmolLM2): the question and how to call the calculator
-        datasets[f"dialogue/calculator_instruct_{name}.jsonl"] = [
-            {"prompt": f"{r['prompt']} {CALCULATOR_HOWTO.format(expression=r['prompt'][len('what is '):-2])}"}
-            for r in datasets[f"dialogue/calculator_{name}.jsonl"]]
     return datasets
-
-
-CALCULATOR_HOWTO = 'You have a calculator: to use it, write only "call {expression}" and its result comes back.'
 
 
 def all_datasets(seed: int = SEED) -> dict[str, list[dict]]:
