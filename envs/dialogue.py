@@ -8,7 +8,8 @@ task's responder, a scripted user or a tool, answers: its message is rendered in
 appended; those tokens are context, not actions (`action_mask` 0). The episode ends when the responder
 ends the conversation (terminated: the goal is met, or the user leaves), or at `max_turns` assistant
 turns or `max_length` tokens (truncated). The reward is the reward function's score of the prompt and
-the whole conversation after it (`transcript`), at the end.
+the whole conversation after it (`transcript`), at the end, plus any reward a reply gives the turn it answers
+(`Reply.reward`, a per-turn reward: the step's reward, and `turn_reward` in the infos).
 
 Nothing is decoded and re-encoded between turns: the token ids of an episode are the policy's actions
 and the ids of the environment's messages, each message encoded once, so the learner trains on exactly
@@ -22,8 +23,9 @@ project's signature over the transcript):
   only, +0.2 when the refund names the order number, -0.1 per turn beyond the two it needs, and the
   customer's judgement of politeness (a `SimulatedPerson`, as on the feedback pages) up to +0.1.
 - `calculator`: "what is 37 * 24 ?"; the assistant may call a calculator as `call 37 * 24` (one call a
-  turn, the whole turn) and reads `<|tool|> 888`; a turn without a call is its answer. `calculator_reward`:
-  1 when the answer's last number is the result, -0.05 per call beyond one.
+  turn, the whole turn) and reads `<|tool|> 888`, or `<|tool|> error` and a turn reward of -0.1 for an operand
+  of more than six digits; a turn without a call is its answer. `calculator_reward`: 1 when the answer's last
+  number is the result, -0.05 per call beyond one.
 
 `python -c "import envs, gymnasium; ..."`: `gymnasium.make("rlhf_ray/Dialogue-v0")` is the refund task on
 the built-in task tokenizer; `make_vec(..., vectorization_mode="vector_entry_point")` its vector env.
@@ -56,6 +58,7 @@ ROLES = ("user", "tool")  # who answers the assistant
 class Reply:
     role: str  # "user" or "tool"
     content: str
+    reward: float = 0.0  # a reward for the assistant's turn this answers (per turn; the step's reward in the env)
 
 
 class DialogueTask(Protocol):
@@ -284,7 +287,7 @@ class Calculator:
             return None
         a, op, b = match.groups()
         if max(len(_digits(a)), len(_digits(b))) > 6:  # the calculator's display: six digits an operand
-            return Reply("tool", "error")
+            return Reply("tool", "error", reward=-0.1)
         return Reply("tool", str(_evaluate(a, op, b)))
 
 
@@ -445,6 +448,7 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
                               | (self.lengths >= self.max_length))
         terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         appended = np.full(n, None, dtype=object)
+        turn_rewards = np.zeros(n, dtype=np.float64)
         for env in np.flatnonzero(turn_over):
             ids = self.tokens[env, self.turn_start[env]:self.lengths[env]]
             self.turns[env].append(("assistant", self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()))
@@ -452,6 +456,7 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
             if reply is None:  # the user is done (the goal met, or they left), or the tool's task is answered
                 terminated[env] = True
                 continue
+            turn_rewards[env] = reply.reward
             if sum(role == "assistant" for role, _ in self.turns[env]) >= self.max_turns:
                 truncated[env] = True
                 continue
@@ -472,13 +477,16 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
             appended[env] = new
         finished = terminated | truncated
         self.ended |= finished
-        rewards = np.zeros(n, dtype=np.float64)
+        rewards = turn_rewards.copy()
         infos: dict[str, Any] = {}
         has_appended = np.array([a is not None for a in appended])
         if has_appended.any():
             infos["appended"], infos["_appended"] = appended, has_appended
+        if turn_rewards.any():
+            infos["turn_reward"], infos["_turn_reward"] = turn_rewards, turn_rewards != 0
         if finished.any():
-            rewards, scored = self._score(np.flatnonzero(finished), finished)
+            scores, scored = self._score(np.flatnonzero(finished), finished)
+            rewards += scores
             turns = np.full(n, None, dtype=object)
             for env in np.flatnonzero(finished):
                 turns[env] = [{"role": role, "content": text} for role, text in self.turns[env]]
@@ -493,10 +501,11 @@ class DialogueVectorEnv(TextGenerationVectorEnv):
         except Exception as error:
             raise TaskError(f"dialogue task {self.task_name!r} raised {type(error).__name__}: {error} (replying to "
                             f"turn {len(self.turns[env])} of the conversation opened by {prompt!r:.80})") from error
-        if reply is not None and not (isinstance(reply, Reply) and reply.role in ROLES
-                                      and isinstance(reply.content, str)):
+        if reply is not None and not (isinstance(reply, Reply) and reply.role in ROLES and isinstance(reply.content, str)
+                                      and isinstance(reply.reward, (int, float)) and np.isfinite(reply.reward)):
             raise TaskError(f"dialogue task {self.task_name!r} returned {reply!r:.80}; expected None (the "
-                            f"conversation is over) or Reply(role, content) with a role in {ROLES} and str content")
+                            f"conversation is over) or Reply(role, content, reward) with a role in {ROLES}, str "
+                            "content and a finite reward")
         return reply
 
     def _response_texts(self, envs: np.ndarray) -> list[str]:

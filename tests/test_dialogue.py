@@ -93,7 +93,7 @@ def test_the_refund_customer_and_reward_by_hand():
 def test_the_calculator_tool_and_reward_by_hand():
     tool = Calculator()
     assert tool.reply("what is 37 * 24 ?", [("assistant", "call 3 7 * 2 4")]) == Reply("tool", "888")
-    assert tool.reply("what is 37 * 24 ?", [("assistant", "call 1234567 + 1")]) == Reply("tool", "error")
+    assert tool.reply("what is 37 * 24 ?", [("assistant", "call 1234567 + 1")]) == Reply("tool", "error", reward=-0.1)
     assert tool.reply("what is 37 * 24 ?", [("assistant", "it is 888")]) is None  # an answer ends it
     prompt = "<|user|> what is 3 7 * 2 4 ? <|end|> <|assistant|>"
     called = "call 3 7 * 2 4 <|end|> <|tool|> 8 8 8 <|end|> <|assistant|> 8 8 8"
@@ -144,7 +144,7 @@ def test_load_task_names_what_it_could_not_load():
     ("user_code:RaisingUser", "rlhf-ray: rollout.dialogue.task: dialogue task 'user_code:RaisingUser' raised "
                               "KeyError: 'number' (replying to turn 1 of the conversation opened by"),
     ("user_code:WrongReply", "rlhf-ray: rollout.dialogue.task: dialogue task 'user_code:WrongReply' returned "
-                             "'it is 427'; expected None (the conversation is over) or Reply(role, content)"),
+                             "'it is 427'; expected None (the conversation is over) or Reply(role, content, reward)"),
     ("user_code:Nowhere", "rlhf-ray: rollout.dialogue.task: dialogue task 'user_code:Nowhere' cannot be loaded: "
                           "AttributeError"),
 ])
@@ -330,3 +330,48 @@ def test_rlhf_ray_train_learns_the_refund_dialogue_and_runs_the_calculator(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = [json.loads(line) for line in (tmp_path / "dialogue_calculator" / "eval_samples.jsonl").open()]
     assert samples and all("what is" in s["prompt"] for s in samples)
+
+
+class ErrorTool:
+    """A tool whose every answer is an error that costs the turn 0.5 (a per-turn reward)."""
+
+    def reply(self, prompt, turns):
+        return Reply("tool", "error", reward=-0.5) if len(turns) < 5 else None
+
+
+def test_per_turn_rewards_by_hand(tokenizer):
+    """A reply's reward is the step's reward, lands on the last token of the turn it answers, and adds to the
+    returns: with GAE (gamma = lam = 1, values 0) every action token before it gets it, the final score too."""
+    env = DialogueVectorEnv(num_envs=1, tokenizer=tokenizer, prompts=["hi"], task=ErrorTool(),
+                            reward_fn=lambda p, r: [1.0] * len(r), max_new_tokens=2, max_turns=3,
+                            autoreset_mode="Disabled")
+    env.reset(options={"prompt_indices": np.array([0])})
+    hello = ids(tokenizer, "hello")[0]
+    rewards = [float(env.step(np.array([hello]))[1][0]) for _ in range(5)]
+    assert rewards == [0.0, -0.5, 0.0, -0.5, 0.0]  # the third turn ends the episode: no reply, no turn reward
+    model, _ = build_tiny_model("gpt2", seed=0, vocabulary="task")
+    params = SamplingParams(max_new_tokens=2, dialogue=DialogueParams(ErrorTool(), max_turns=3))
+    episode = Sampler(model, tokenizer, lambda p, r: [1.0] * len(r), params).generate(
+        [ids(tokenizer, OPENING)], [0])[0]
+    if not episode.eos:  # the sampled turns used their budget: the error tool answered both
+        actions = np.flatnonzero(episode.action_mask)
+        turn_ends = [a for a in actions if a + 1 not in actions][:2]
+        expected = np.zeros(len(episode.response_ids), dtype=np.float32)
+        expected[turn_ends] = -0.5
+        np.testing.assert_array_equal(episode.turn_rewards, expected)
+        assert episode.reward == 1.0
+    mask = [1, 1, 0, 0, 1, 1, 0, 0, 1]
+    handmade = Episode(prompt_ids=np.array([3]), response_ids=np.arange(10, 19), eos=False, reward=1.0, prompt="p",
+                       response="r", seed=0, behaviour_logprobs=np.zeros(9, dtype=np.float32),
+                       action_mask=np.array(mask, dtype=np.int8),
+                       turn_rewards=np.array([0, -0.5, 0, 0, 0, -0.5, 0, 0, 0], dtype=np.float32))
+    cfg = PPOConfig(advantage_estimator="gae", gamma=1.0, lam=1.0, whiten_advantages=False, kl={"coef": 0.0})
+
+    def zero_critic(input_ids, attention_mask, position_ids):  # values 0: advantages are the returns-to-go
+        return torch.zeros(input_ids.shape)
+
+    experience, stats = make_experience([handmade], model, zero_critic, model, cfg, kl_coef=0.0, temperature=1.0,
+                                        pad_id=0)
+    # returns-to-go over the action tokens: 1 - 0.5 - 0.5 = 0 from the start, 1 - 0.5 = 0.5 after the first turn
+    np.testing.assert_allclose(experience.advantages[0].numpy(), np.array([0, 0, 0, 0, 0.5, 0.5, 0, 0, 1.0]) * mask)
+    assert stats["rollout/turn_reward_mean"] == pytest.approx(-1.0)

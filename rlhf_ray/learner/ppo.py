@@ -143,6 +143,19 @@ def sequence_scores(rewards: np.ndarray, eos: np.ndarray, cfg: PPOConfig, length
     return scores
 
 
+def per_turn_rewards(episodes, mask: torch.Tensor, reward_scale: float) -> torch.Tensor | None:
+    """(B, R) the dialogue episodes' per-turn rewards (`Episode.turn_rewards`) times `reward_scale`; None for
+    episodes of one prompt and one response. Decided by the kind of episode, not by whether a turn was rewarded,
+    so that every rank of a run logs the same statistics (their reduction is a collective)."""
+    if all(e.action_mask is None for e in episodes):
+        return None
+    rewards = torch.zeros_like(mask)
+    for row, episode in enumerate(episodes):
+        if episode.turn_rewards is not None:
+            rewards[row, :len(episode.turn_rewards)] = torch.as_tensor(episode.turn_rewards) * reward_scale
+    return rewards
+
+
 @torch.no_grad()
 def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef: float,
                     temperature: float, pad_id: int, reducer: Reducer = Reducer(),
@@ -181,6 +194,7 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
             proximal_logprobs[index, :width] = response_logprobs(actor, micro, temperature)
     scores = sequence_scores([e.reward for e in episodes], [e.eos for e in episodes], cfg,
                              [len(e.response_ids) for e in episodes], max_new_tokens).to(device)  # (B,)
+    turn_rewards = per_turn_rewards(episodes, mask, cfg.reward_scale)  # (B, R) or None: a dialogue's turn rewards
 
     kl_cfg = cfg.kl
     kl = (torch.zeros_like(mask) if ref_logprobs is None
@@ -191,6 +205,8 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
     if cfg.advantage_estimator in ("gae", "reinforce_pp"):
         rewards, _ = kl_penalized_rewards(scores, old_logprobs, old_logprobs if ref_logprobs is None else ref_logprobs,
                                           mask, reward_kl_coef, kl_cfg.estimator)
+        if turn_rewards is not None:  # each on the last token of the turn it rewards
+            rewards = rewards + turn_rewards
         if cfg.advantage_estimator == "gae":
             values = critic_values  # (B, R)
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -198,6 +214,8 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
             advantages = reinforce_pp_advantages(rewards, mask, reduce=reducer.sum)
     else:
         sequence_returns = scores - reward_kl_coef * kl.sum(-1)  # (B,)
+        if turn_rewards is not None:
+            sequence_returns = sequence_returns + turn_rewards.sum(-1)
         estimator = {"grpo": grpo_advantages, "rloo": rloo_advantages,
                      "dr_grpo": lambda r, group_size: grpo_advantages(r, group_size, scale_by_std=False)}
         sequence_advantages = estimator[cfg.advantage_estimator](sequence_returns, group_size=cfg.group_size)
@@ -212,6 +230,8 @@ def make_experience(episodes, actor, critic, reference, cfg: PPOConfig, kl_coef:
         "rollout/eos_frac": reducer.mean(sum(e.eos for e in episodes), count),
         "objective/kl_coef": kl_coef,
     }
+    if turn_rewards is not None:
+        stats["rollout/turn_reward_mean"] = reducer.mean(turn_rewards.sum(), count)  # per episode, scaled
     if ref_logprobs is not None:
         stats["objective/kl"] = reducer.mean(kl.sum(), count)  # per sequence, nats
         stats["objective/rlhf_reward"] = reducer.mean(scores.sum() - kl_coef * kl.sum(), count)

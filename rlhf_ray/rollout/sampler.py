@@ -101,6 +101,9 @@ class Episode:
     # message and the template's marks, whose behaviour log-probs are 0); None: every response token is an action
     action_mask: np.ndarray | None = None
     turns: list[dict] | None = None  # a dialogue's turns after the prompt, [{role, content}]
+    # a dialogue's per-turn rewards (`envs.dialogue.Reply.reward`): (R,) on the last token of each turn they
+    # reward, 0 elsewhere; `reward` is the reward function's score at the end. None: no turn was rewarded
+    turn_rewards: np.ndarray | None = None
 
 
 class Sampler:
@@ -226,6 +229,10 @@ class Sampler:
             _, step_rewards, terminated, truncated, infos = env.step(slots.advance(live, row_tokens, record.pad_id))
             # a dialogue's turns that ended and go on: the environment's tokens follow (context, not actions)
             answered = np.flatnonzero(infos["_appended"]) if "appended" in infos else _NONE  # env slots
+            if "turn_reward" in infos:  # on the turn's last token, before the environment's tokens follow it
+                for slot in np.flatnonzero(infos["_turn_reward"]):
+                    record.turn_reward(slots.episode[slot], slots.step[slot] - 1, infos["turn_reward"][slot])
+                    step_rewards[slot] -= infos["turn_reward"][slot]  # what is left is the score at the end
             for slot in answered:
                 record.context(slots.episode[slot], slots.step[slot], infos["appended"][slot])
                 slots.step[slot] += len(infos["appended"][slot])
@@ -337,6 +344,7 @@ class _EpisodeRecord:
         # a dialogue's: 0 where the environment appended tokens; None: every token is an action
         self.action_mask = np.ones((total, new_tokens), dtype=np.int8) if dialogue else None  # (N, R)
         self.turns: list[list[dict] | None] = [None] * total
+        self.turn_rewards: dict[int, np.ndarray] = {}  # episode -> (R,), for the episodes with a turn reward
         self.logprobs = torch.zeros((total, new_tokens), dtype=torch.float32, device=device)  # (N, R)
         self.responses = np.full((total, new_tokens), pad_id, dtype=np.int64)  # (N, R)
         self.lengths = np.zeros(total, dtype=np.int64)  # (N,)
@@ -355,6 +363,10 @@ class _EpisodeRecord:
         """Tokens the environment appended to `episode` at response position `step` (log-probs stay 0)."""
         self.responses[episode, step:step + len(token_ids)] = token_ids
         self.action_mask[episode, step:step + len(token_ids)] = 0
+
+    def turn_reward(self, episode: int, step: int, reward: float) -> None:
+        """A reward for the turn of `episode` whose last token is at response position `step`."""
+        self.turn_rewards.setdefault(episode, np.zeros(self.responses.shape[1], dtype=np.float32))[step] += reward
 
     def finish(self, episode: int, length: int, reward: float, terminated: bool, infos: dict, slot: int) -> None:
         self.rewards[episode], self.eos[episode], self.lengths[episode] = reward, terminated, length
@@ -377,5 +389,6 @@ class _EpisodeRecord:
                 seed=int(seeds[b]), reward_components=self.components[b],
                 action_mask=None if self.action_mask is None else self.action_mask[b, :length].copy(),
                 turns=self.turns[b],
+                turn_rewards=self.turn_rewards[b][:length].copy() if b in self.turn_rewards else None,
             ))
         return episodes
