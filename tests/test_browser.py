@@ -153,6 +153,11 @@ def sign_in(driver, url: str, key: str) -> None:
     wait(driver, lambda d: shown(d, "work"), "the page after signing in")
 
 
+def queue_header(driver) -> str:
+    """The queue's header once the page has filled it in (after its first request for an item)."""
+    return wait(driver, lambda d: d.find_element(By.ID, "queue-header").text, "the queue header")
+
+
 def current_item(driver) -> int | None:
     """The id of the item on the page once it has loaded; None when the queue is done for this person."""
     wait(driver, lambda d: shown(d, "item") or shown(d, "done"), "an item or the end of the queue")
@@ -178,7 +183,7 @@ def test_a_visit_labels_chats_and_runs_a_blind_study(site, browser):
 
     # label eleven items of the pairs queue: ten with the keyboard, reloading half-way, one with two clicks
     sign_in(browser, f"{base}/ui/label?queue=toy", keys["alice"])
-    assert "toy" in browser.find_element(By.ID, "queue-header").text
+    assert "toy" in queue_header(browser)
     seen = []
     for index, choice in enumerate(PAIR_CHOICES):
         item = current_item(browser)
@@ -217,8 +222,9 @@ def test_a_visit_labels_chats_and_runs_a_blind_study(site, browser):
     # the blind study: alice, then bob, each judging all twenty items by what the answers say
     for name, outcomes in (("alice", ALICE), ("bob", BOB)):
         sign_in(browser, f"{base}/ui/eval?queue=blind", keys[name])
+        assert "Blind study" in queue_header(browser) and "alpha" not in queue_header(browser)
+        current_item(browser)
         page_text = browser.find_element(By.TAG_NAME, "body").text
-        assert "alpha" not in browser.find_element(By.ID, "queue-header").text
         assert "a.jsonl" not in page_text and "b.jsonl" not in page_text  # the models are not named
         for judged in range(20):
             item = current_item(browser)

@@ -79,7 +79,7 @@ def test_a_missing_model_is_named_by_its_key(tmp_path, capsys):
     assert status == 1
     assert last_line(capsys.readouterr().err) == (f"rlhf-ray: model.policy: model '{tmp_path}/no-such-model' not "
                                                   "found: not a local folder, and not a known model (known: "
-                                                  "rlhf-ray/tiny-gpt2, rlhf-ray/tiny-llama)")
+                                                  "rlhf-ray/tiny-chat-gpt2, rlhf-ray/tiny-gpt2, rlhf-ray/tiny-llama)")
 
 
 def events(run: Path) -> list[dict]:
