@@ -100,6 +100,11 @@ class RolloutConfig(_Section):
     start_timeout_s: float = Field(600.0, gt=0.0)  # a new worker placed and its policy loaded
     timeout_s: float = Field(1800.0, gt=0.0)  # one iteration's episodes back from every worker
     sync_timeout_s: float = Field(300.0, gt=0.0)  # new weights loaded by every worker
+    # how new weights (with LoRA, the adapters) reach the workers: "object_store", one shared copy each worker
+    # reads (the default; on CPU it is as fast), or "collective", a gloo broadcast from the learner's rank 0 over
+    # a process group with the workers, in buckets of sync_bucket_mb, checksummed on every worker
+    sync: Literal["object_store", "collective"] = "object_store"
+    sync_bucket_mb: float = Field(64.0, gt=0.0)
 
 
 class DataConfig(_Section):

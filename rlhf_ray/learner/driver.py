@@ -167,7 +167,11 @@ class RolloutDriver:
             with self.stopping():
                 if self.lora is not None:
                     weights = adapter_payload(weights, self.lora.alpha / self.lora.r)
-                self.pool.set_weights(weights, version)
+                rollout = self.config.rollout
+                if rollout.sync == "collective":
+                    self.pool.set_weights_collective(weights, version, int(rollout.sync_bucket_mb * 2**20))
+                else:
+                    self.pool.set_weights(weights, version)
 
     def write_metrics(self, metrics: dict, state: RunState, episodes: list, staleness: int, learner_tokens: int,
                       times: dict, started: float) -> None:

@@ -102,6 +102,7 @@ class RolloutPool:
         self.starting: dict[str, tuple[ray.actor.ActorHandle, ray.ObjectRef]] = {}
         self._ids = itertools.count()
         self._weights_ref = None  # the latest weights, for workers that join later
+        self._sync_group, self._sync_members, self._sync_generation = None, None, 0  # collective sync
         self.policy_version = 0
         self.requeued_chunks = 0
         for _ in range(num_workers):
@@ -271,6 +272,90 @@ class RolloutPool:
             except WORKER_LOST:
                 self._drop_dead(calls[ref])
         return time.perf_counter() - start
+
+    def set_weights_collective(self, state_dict, version: int, bucket_bytes: int | None = None) -> float:
+        """Send new weights to every ready worker by a gloo broadcast from this process (rank 0) over a process
+        group of its own with the workers (`rlhf_ray.rollout.collective`), made anew when the members changed;
+        seconds taken. Starting workers get the object-store copy, as with `set_weights`. The whole sync is
+        bounded by `rollout.sync_timeout_s`, and a wait that runs out names the workers."""
+        from rlhf_ray.rollout.collective import DEFAULT_BUCKET_BYTES, plan_sync
+
+        start = time.perf_counter()
+        deadline = time.monotonic() + self.limits.sync_timeout_s
+        if self.starting:  # joining workers load this copy after their constructor
+            self._weights_ref = ray.put(to_shared_arrays(state_dict))
+            for handle, _ in self.starting.values():
+                handle.set_weights.remote(self._weights_ref, version)
+        self.policy_version = version
+        members = sorted(self.workers)
+        if not members:
+            return time.perf_counter() - start
+        if self._sync_members != members:
+            self._make_sync_group(members, deadline)
+        group = self._sync_group
+        plan, flats = plan_sync(state_dict, version, bucket_bytes or DEFAULT_BUCKET_BYTES)
+        calls = {self.workers[w].receive_weights.remote(plan, version): w for w in members}
+        what = f"weight sync (policy version {version}) by broadcast"
+        try:
+            for flat in flats:
+                group.broadcast(flat, deadline)
+        except RuntimeError as err:  # gloo's timeout, or a member that left: this group is not used again
+            self._sync_members = None
+            late = [members[r - 1] for r in group.missing(f"received-{version}")]
+            self._drop_lost(calls)
+            raise WaitTimeout(f"{what} did not finish within rollout.sync_timeout_s={self.limits.sync_timeout_s:g} "
+                              f"s: {self.describe(late or members)} did not receive ({one_line(err)})") from err
+        done, late = ray.wait(list(calls), num_returns=len(calls), timeout=max(deadline - time.monotonic(), 0))
+        if late:
+            self._sync_members = None
+            raise WaitTimeout(f"{what} did not finish within rollout.sync_timeout_s={self.limits.sync_timeout_s:g} "
+                              f"s: {self.describe([calls[r] for r in late])} did not answer")
+        if self._drop_lost(calls):
+            self._sync_members = None  # the next sync makes a group without them
+        return time.perf_counter() - start
+
+    def _drop_lost(self, calls: dict) -> list[str]:
+        """The workers among `calls` ({ref: worker id}) whose call ended because they died: dropped from the pool
+        (their chunks go to the others). Any other error of a finished call is raised."""
+        lost = []
+        done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
+        for ref in done:
+            try:
+                fetch_ready(ref, f"the weight sync of {calls[ref]}")
+            except WORKER_LOST:
+                self._drop_dead(calls[ref])
+                lost.append(calls[ref])
+        return lost
+
+    def _make_sync_group(self, members: list[str], deadline: float) -> None:
+        """A new process group of rank 0 (this process) and `members` (ranks 1..n), with a prefix of its own;
+        members that do not join by `deadline` are named."""
+        from rlhf_ray.rollout.collective import SyncGroup, free_port
+
+        self._sync_group, self._sync_members = None, None
+        self._sync_generation += 1
+        host, port = ray.util.get_node_ip_address(), free_port()
+        prefix, world = f"{self.name}-sync-{self._sync_generation}", len(members) + 1
+        timeout = max(deadline - time.monotonic(), 0.1)
+        calls = {self.workers[w].join_sync_group.remote(host, port, rank, world, prefix, timeout): w
+                 for rank, w in enumerate(members, start=1)}
+        group = SyncGroup(host, port, 0, world, prefix, timeout)
+        try:
+            group.connect()
+        except RuntimeError as err:
+            late = [members[r - 1] for r in group.missing("arrived")]
+            self._drop_lost(calls)
+            raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s="
+                              f"{self.limits.sync_timeout_s:g} s: {self.describe(late or members)} did not join "
+                              f"({one_line(err)})") from err
+        done, late = ray.wait(list(calls), num_returns=len(calls), timeout=max(deadline - time.monotonic(), 0))
+        if late:
+            raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s="
+                              f"{self.limits.sync_timeout_s:g} s: {self.describe([calls[r] for r in late])} did "
+                              "not join")
+        for ref in done:
+            fetch_ready(ref, f"{calls[ref]} joining the weight-sync group")
+        self._sync_group, self._sync_members = group, members
 
     def describe(self, worker_ids: list[str]) -> str:
         """`rollout-1 (generating 16 prompts for 42 s), rollout-2 (idle)`: who, and what they were doing."""

@@ -86,6 +86,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         self.policy_version = 0
         self.adapters: AdapterMerger | None = None  # LoRA: the base weights of the adapted layers
+        self.sync_group = None  # the collective weight-sync group (rlhf_ray.rollout.collective), once joined
         # A failing constructor would kill the actor, and Ray would report only "died while starting"; kept
         # here, the error reaches the pool by `info()` with its own type and message (a reward that cannot
         # be imported is the user's error: no restart can fix it).
@@ -133,6 +134,39 @@ class RolloutWorker:
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.policy_version = version
         return version
+
+    def join_sync_group(self, host: str, port: int, rank: int, world: int, prefix: str, timeout_s: float,
+                        backend: str = "gloo") -> int:
+        """Join the collective weight-sync group `prefix` (`rlhf_ray.rollout.collective`) as `rank`; a group this
+        worker was in before is dropped."""
+        from rlhf_ray.rollout.collective import SyncGroup
+
+        self.sync_group = None
+        self.sync_group = SyncGroup(host, port, rank, world, prefix, timeout_s, backend).connect()
+        return rank
+
+    def receive_weights(self, plan, version: int) -> int:
+        """Receive the buckets of `plan` from rank 0 of the sync group, check each bucket's checksum and the
+        version, and load them (`set_weights`: full weights, or LoRA adapters to merge)."""
+        from rlhf_ray.rollout.collective import checksum, unflatten
+
+        if plan.version != version:
+            raise ValueError(f"worker {self.worker_id}: a sync plan of policy version {plan.version} sent as {version}")
+        # gloo moves host tensors; NCCL the GPU's
+        device = next(self.model.parameters()).device if self.sync_group.backend == "nccl" else "cpu"
+        received: dict[str, torch.Tensor] = {}
+        buckets = []
+        for bucket in plan.buckets:
+            flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
+            self.sync_group.broadcast(flat)
+            buckets.append(flat)
+        self.sync_group.mark_received(version)
+        for index, (bucket, flat) in enumerate(zip(plan.buckets, buckets)):
+            if checksum(flat) != bucket.checksum:
+                raise RuntimeError(f"worker {self.worker_id}: bucket {index} of policy version {version} arrived "
+                                   "corrupted (its checksum differs from the learner's)")
+            received.update(unflatten(plan, bucket, flat))
+        return self.set_weights(received, version)
 
     def weights_digest(self) -> str:
         return state_dict_digest(self.model.state_dict())

@@ -1,0 +1,165 @@
+"""Collective weight sync: the learner's rank 0 broadcasts the policy to the rollout workers over a process
+group of their own (gloo on CPU, NCCL on GPU), in buckets, instead of one object-store copy per sync.
+
+The group is not torch.distributed's default group (the learner ranks have that one among themselves): it is a
+`ProcessGroupGloo` over a `TCPStore` that rank 0 hosts, made for the pool's current members. When workers join
+or leave (elasticity, faults), the next sync makes a new group with a new prefix and the members of the moment,
+so a run never waits for a worker that is gone. Every wait is bounded by `rollout.sync_timeout_s` and a wait
+that runs out names the workers that did not answer (a hung sync is the peers' most reported failure).
+
+A sync: rank 0 sends each worker the plan (names, shapes, dtypes, buckets, the policy version and a checksum per
+bucket) with a Ray call that the worker answers after its last bucket; then it broadcasts the buckets (each
+bucket one flat tensor of one dtype). Every worker checks the checksums of what it received and loads it (or
+merges LoRA adapters, which are all that travels under LoRA) and answers with its version.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without "torch."
+
+
+@dataclass(frozen=True)
+class Bucket:
+    dtype: str
+    tensors: tuple[int, ...]  # indices into SyncPlan.tensors, in order
+    numel: int
+    checksum: int  # `checksum` of the flat bucket
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    version: int
+    tensors: tuple[TensorMeta, ...]
+    buckets: tuple[Bucket, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel * torch.empty(0, dtype=getattr(torch, b.dtype)).element_size() for b in self.buckets)
+
+
+def checksum(flat: torch.Tensor) -> int:
+    """A cheap checksum of a flat tensor's bytes, computed where the tensor is (a GPU never copies it to the
+    host): the sum of its 32-bit words weighted by their position modulo a prime, as an int64."""
+    words = flat.contiguous().view(torch.uint8)
+    pad = (-words.numel()) % 4
+    if pad:
+        words = torch.cat([words, words.new_zeros(pad)])
+    words = words.view(torch.int32).to(torch.int64)
+    weights = torch.arange(words.numel(), device=words.device, dtype=torch.int64) % 65521 + 1
+    return int((words * weights).sum())
+
+
+def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with each storage once (a tied weight travels under its first name)."""
+    seen, kept = set(), {}
+    for name, tensor in state_dict.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if not tensor.numel() or key not in seen:  # empty tensors share the address 0
+            seen.add(key)
+            kept[name] = tensor
+    return kept
+
+
+def plan_sync(state_dict: dict[str, torch.Tensor], version: int,
+              bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[SyncPlan, list[torch.Tensor]]:
+    """The plan of a sync and its flat buckets: tensors grouped by dtype, in order, into buckets of at most
+    `bucket_bytes` (a larger tensor alone)."""
+    tensors = unique_tensors(state_dict)
+    metas = tuple(TensorMeta(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items())
+    values = list(tensors.values())
+    buckets, flats = [], []
+    by_dtype: dict[str, list[int]] = {}
+    for index, meta in enumerate(metas):
+        by_dtype.setdefault(meta.dtype, []).append(index)
+    for dtype, indices in by_dtype.items():
+        current, size = [], 0
+        for index in indices + [None]:
+            tensor = None if index is None else values[index]
+            nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
+            if current and (index is None or size + nbytes > bucket_bytes):
+                flat = torch.cat([values[i].detach().reshape(-1) for i in current])
+                flats.append(flat)
+                buckets.append(Bucket(dtype, tuple(current), flat.numel(), checksum(flat)))
+                current, size = [], 0
+            if index is not None:
+                current.append(index)
+                size += nbytes
+    return SyncPlan(version, metas, tuple(buckets)), flats
+
+
+def unflatten(plan: SyncPlan, bucket: Bucket, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors of one received bucket, by name (views of `flat`)."""
+    out, offset = {}, 0
+    for index in bucket.tensors:
+        meta = plan.tensors[index]
+        numel = int(torch.Size(meta.shape).numel())
+        out[meta.name] = flat[offset:offset + numel].view(meta.shape)
+        offset += numel
+    return out
+
+
+class SyncGroup:
+    """One member's handle on a stateless process group: rank 0 hosts the store.
+
+    Made in two steps so that rank 0 can tell who is missing: the store first (every member other than rank 0
+    then marks its arrival in it), then `connect`, which waits for every member. A member marks each sync it
+    received too, so a broadcast that runs out of time names the members that did not receive."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int, prefix: str, timeout_s: float,
+                 backend: str = "gloo"):
+        import torch.distributed as dist
+
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"unknown sync backend {backend!r}; expected 'gloo' or 'nccl'")
+        self.rank, self.world, self.prefix, self.backend = rank, world, prefix, backend
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world, rank == 0, timeout=self.timeout, wait_for_workers=False)
+        self.group = None
+        if rank:
+            self.store.set(self._key("arrived", rank), "1")
+
+    def _key(self, what: str, rank: int) -> str:
+        return f"{self.prefix}/{what}/{rank}"
+
+    def connect(self) -> SyncGroup:
+        """Join the process group; it forms when every member has joined (within the timeout)."""
+        import torch.distributed as dist
+
+        store = dist.PrefixStore(self.prefix, self.store)
+        if self.backend == "gloo":
+            self.group = dist.ProcessGroupGloo(store, self.rank, self.world, self.timeout)
+        else:  # experiments/bench_sync.py --backend nccl, from experiments/gpu_check.sh: not yet run on a GPU
+            self.group = dist.ProcessGroupNCCL(store, self.rank, self.world)
+        return self
+
+    def broadcast(self, tensor: torch.Tensor, deadline: float | None = None) -> None:
+        """Rank 0's `tensor` into every member's, waiting at most until `deadline` (`time.monotonic()`)."""
+        timeout = self.timeout if deadline is None else datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.1))
+        self.group.broadcast(tensor, 0).wait(timeout)
+
+    def mark_received(self, version: int) -> None:
+        self.store.set(self._key(f"received-{version}", self.rank), "1")
+
+    def missing(self, what: str = "arrived") -> list[int]:
+        """The ranks (other than 0) that have not marked `what` (`arrived`, or `received-<version>`)."""
+        return [r for r in range(1, self.world) if not self.store.check([self._key(what, r)])]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,151 @@
+"""Collective weight sync (`rlhf_ray.rollout.collective`): the plan and its buckets by hand, then a broadcast
+over a real gloo group from this process to real rollout workers on a local Ray, with joins, leaves and a
+worker that does not answer."""
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from rlhf_ray.config import LoraSettings
+from rlhf_ray.errors import WaitTimeout
+from rlhf_ray.models import build_tiny_model, load_policy
+from rlhf_ray.models.lora import adapter_payload, add_adapters, merged_state_dict
+from rlhf_ray.rollout.collective import checksum, plan_sync, unflatten
+from rlhf_ray.rollout.pool import PoolLimits, RolloutPool, WorkerSpec
+from rlhf_ray.rollout.sampler import SamplingParams
+from rlhf_ray.rollout.worker import state_dict_digest
+
+TESTS = Path(__file__).parent
+
+
+def test_the_plan_buckets_by_dtype_and_size_sends_tied_weights_once_and_round_trips():
+    shared = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    state = {"a": shared, "tied": shared, "b": torch.ones(4), "c": torch.full((3,), 2.0), "h": torch.ones(2, dtype=torch.bfloat16)}
+    plan, flats = plan_sync(state, version=7, bucket_bytes=40)  # 10 float32s a bucket
+    assert [m.name for m in plan.tensors] == ["a", "b", "c", "h"]  # "tied" is the storage of "a"
+    assert [(b.dtype, b.tensors, b.numel) for b in plan.buckets] == [
+        ("float32", (0, 1), 10), ("float32", (2,), 3), ("bfloat16", (3,), 2)]
+    assert plan.version == 7 and plan.nbytes == 4 * 13 + 2 * 2
+    received = {}
+    for bucket, flat in zip(plan.buckets, flats):
+        assert checksum(flat) == bucket.checksum
+        received.update(unflatten(plan, bucket, flat.clone()))
+    assert all(torch.equal(received[name], state[name]) for name in ("a", "b", "c", "h"))
+    # one changed word, or two swapped, changes the checksum
+    assert checksum(torch.tensor([1.0, 2.0])) != checksum(torch.tensor([2.0, 1.0]))
+    assert checksum(torch.tensor([1.0, 2.0])) != checksum(torch.tensor([1.0, 2.5]))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # the hung-worker test's reward (tests/user_code.py) is imported by name on the workers
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                                       "USER_CODE_SLOW_S": "10"}})
+    yield
+    ray.shutdown()
+
+
+def changed_weights(seed: int) -> dict[str, torch.Tensor]:
+    model, _ = build_tiny_model("gpt2", seed=seed)
+    return model.state_dict()
+
+
+def test_a_broadcast_reaches_every_worker_and_the_group_follows_joins_and_leaves(local_ray):
+    spec = WorkerSpec(policy="rlhf-ray/tiny-gpt2", reward="envs.builtin:sentiment_reward",
+                      params=SamplingParams(max_new_tokens=4), num_cpus=0.5)
+    pool = RolloutPool(spec, num_workers=2, name="sync", limits=PoolLimits(sync_timeout_s=20))
+    try:
+        pool.wait_ready(timeout=120)
+        for version, seed in ((1, 11), (2, 12)):
+            weights = changed_weights(seed)
+            pool.set_weights_collective(weights, version, bucket_bytes=64 << 10)  # several buckets
+            assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
+        assert pool._sync_generation == 1  # the same members: the same group
+        gone = pool.remove_worker()
+        pool.set_weights_collective(changed_weights(13), 3)
+        assert pool._sync_generation == 2 and gone not in pool._sync_members
+        joined = pool.add_worker()
+        pool.set_weights_collective(changed_weights(14), 4)  # the starting worker gets the object-store copy
+        pool.wait_ready(timeout=120)
+        weights = changed_weights(15)
+        pool.set_weights_collective(weights, 5)
+        assert joined in pool._sync_members and pool._sync_generation == 3
+        assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
+        # episodes after a collective sync carry its version
+        episodes = pool.generate([[3, 4, 5]] * 4, [0, 1, 2, 3])
+        assert {e.policy_version for e in episodes} == {5}
+        # LoRA: only the adapters travel, and every worker merges them into the base weights it keeps
+        base, _ = build_tiny_model("gpt2", seed=0)
+        lora = LoraSettings(r=4, alpha=8.0, target_modules=["c_attn"])
+        adapted = add_adapters(build_tiny_model("gpt2", seed=0)[0], lora)
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        payload = adapter_payload(adapted.state_dict(), lora.alpha / lora.r)
+        pool.set_weights(base.state_dict(), 6)  # the base weights, by the object store
+        pool.set_weights_collective(payload, 7)
+        merged = merged_state_dict(base, base.state_dict(), payload)
+        assert set(pool.weights_digests().values()) == {state_dict_digest(merged)} != {state_dict_digest(base.state_dict())}
+        # a bucket that does not match its checksum is refused, and the worker keeps its weights
+        plan, flats = plan_sync(changed_weights(16), 8)
+        first = plan.buckets[0]
+        bad = dataclasses.replace(plan, buckets=(dataclasses.replace(first, checksum=first.checksum + 1),) + plan.buckets[1:])
+        members = pool._sync_members
+        calls = [pool.workers[w].receive_weights.remote(bad if i == 0 else plan, 8) for i, w in enumerate(members)]
+        for flat in flats:
+            pool._sync_group.broadcast(flat)
+        with pytest.raises(ray.exceptions.RayTaskError, match=rf"worker {members[0]}: bucket 0 of policy version 8 "
+                                                             r"arrived corrupted"):
+            ray.get(calls[0], timeout=60)
+        assert ray.get(calls[1:], timeout=60) == [8] * (len(members) - 1)
+        assert pool.weights_digests()[members[0]] == state_dict_digest(merged)
+    finally:
+        pool.shutdown()
+
+
+def block(pool, worker_id):
+    """Keep a worker busy for 10 s (a chunk whose reward is slow), as the pool sees it; the call's ref."""
+    _, tokenizer = load_policy("rlhf-ray/tiny-gpt2")
+    dull = tokenizer("the movie was dull", add_special_tokens=False)["input_ids"]
+    pool.busy[worker_id] = (1, time.monotonic())
+    return pool.workers[worker_id].generate.remote([dull], [0], pool.policy_version)
+
+
+def hung_pool(name):
+    spec = WorkerSpec(policy="rlhf-ray/tiny-gpt2", reward="user_code:by_last_word",
+                      params=SamplingParams(max_new_tokens=4), num_cpus=0.5)
+    pool = RolloutPool(spec, num_workers=2, name=name, limits=PoolLimits(sync_timeout_s=4))
+    pool.wait_ready(timeout=120)
+    return pool
+
+
+@pytest.mark.parametrize("when", ["join", "receive"])
+def test_a_worker_that_does_not_join_or_receive_is_named_within_the_sync_timeout(local_ray, when):
+    """A worker busy when the group forms, or when the buckets come: the sync fails in `rollout.sync_timeout_s`
+    naming it and what it was doing (the driver then stops the run)."""
+    pool = hung_pool(f"hung-{when}")
+    try:
+        busy = sorted(pool.workers)[1]
+        if when == "join":
+            expected = (rf"the weight-sync group did not form within rollout.sync_timeout_s=4 s: worker {busy} "
+                        r"\(generating 1 prompts for \d+ s\) did not join")
+        else:  # the group formed at version 1
+            pool.set_weights_collective(changed_weights(21), 1)
+            expected = (rf"weight sync \(policy version 2\) by broadcast did not finish within rollout.sync_timeout_s"
+                        rf"=4 s: worker {busy} \(generating 1 prompts for \d+ s\) did not (receive|answer)")
+        blocker = block(pool, busy)
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout, match=expected):
+            pool.set_weights_collective(changed_weights(22), 2)
+        assert time.monotonic() - started < 20  # a hang detector
+        assert pool._sync_members is None  # a later sync would make a new group
+        ray.get(blocker, timeout=60)
+    finally:
+        pool.shutdown()
