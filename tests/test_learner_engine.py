@@ -20,6 +20,7 @@ from rlhf_ray.learner import (
     disable_dropout,
     make_optimizer,
 )
+from rlhf_ray.learner.engine import partitioned_load
 from rlhf_ray.models import build_tiny_model
 
 MODEL_SEED = 0
@@ -63,9 +64,14 @@ def one_deepspeed_step_per_worker(config: dict) -> dict:
         global_token_mean_loss,
     )
 
+    from transformers import AutoModelForCausalLM
+
     rank = ray.train.get_context().get_world_rank()
     cfg = EngineConfig(**config["engine"])
-    model, _ = build_tiny_model("gpt2", seed=MODEL_SEED)
+    with partitioned_load(cfg, train_batch_size=len(SEQUENCES)):  # ZeRO-3: partitioned as it loads
+        model = AutoModelForCausalLM.from_pretrained(config["model_path"])
+    # what this rank holds once the model is loaded, before DeepSpeed's engine exists
+    loaded_numel = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.data.numel() for p in model.parameters())
     engine = create_engine(model, cfg, train_batch_size=len(SEQUENCES))
 
     input_ids, attention_mask = token_batch()
@@ -96,6 +102,7 @@ def one_deepspeed_step_per_worker(config: dict) -> dict:
         "optimizer": type(engine.optimizer).__name__,
         "gradient_checkpointing_active": engine.module.is_gradient_checkpointing and engine.module.training,
         "local_numel": local_numel,
+        "loaded_numel": loaded_numel,
         "full_numel": full_numel,
         "reference_logits_max_diff": (reference_logits - expected_logits).abs().max().item(),
     }
@@ -134,6 +141,8 @@ def run_stage(ray_cluster, tmp_path_factory):
     # the worker function lives in this test module, which Ray workers cannot import: ship it by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     runs = {}
+    model_path = tmp_path_factory.mktemp("tiny-gpt2")
+    build_tiny_model("gpt2", seed=MODEL_SEED)[0].save_pretrained(model_path)
 
     def run(zero_stage: int):
         if zero_stage not in runs:
@@ -142,7 +151,8 @@ def run_stage(ray_cluster, tmp_path_factory):
             run_dir = tmp_path_factory.mktemp(f"zero{zero_stage}")
             trainer = TorchTrainer(
                 one_deepspeed_step_per_worker,
-                train_loop_config={"engine": cfg.model_dump(), "state_dict_path": str(run_dir / "state_dict.pt")},
+                train_loop_config={"engine": cfg.model_dump(), "state_dict_path": str(run_dir / "state_dict.pt"),
+                                   "model_path": str(model_path)},
                 scaling_config=ScalingConfig(num_workers=NUM_WORKERS, use_gpu=False),
                 torch_config=TorchConfig(backend="gloo"),
                 run_config=RunConfig(name="engine", storage_path=str(run_dir / "ray_results"),
@@ -189,8 +199,15 @@ def test_frozen_reference_gives_the_full_models_logits(trained):
 
 def test_zero3_partitions_every_parameter_across_the_ranks(trained_zero3):
     _, report, _ = trained_zero3
-    # each rank holds its 1/NUM_WORKERS of every parameter (partitions are padded to equal sizes)
+    # each rank holds its 1/NUM_WORKERS of every parameter (partitions are padded to equal sizes), from the
+    # moment the model is loaded (`partitioned_load`): no rank ever holds the whole model
     assert report["local_numel"] <= 0.55 * report["full_numel"]
+    assert report["loaded_numel"] <= 0.55 * report["full_numel"]
+
+
+def test_zero2_loads_the_whole_model_on_every_rank(run_stage):
+    _, report, _ = run_stage(2)
+    assert report["loaded_numel"] == report["full_numel"]
 
 
 def test_zero3_gathered_state_dict_loads_strictly_into_a_fresh_hf_model(trained_zero3, tmp_path):

@@ -31,16 +31,18 @@ What DeepSpeed 0.19.8 needs on CPU:
   `engine.get_global_grad_norm()` is the norm before clipping, like `clip_grad_norm_`'s return value.
 - Under ZeRO-3 `engine.module.state_dict()` returns empty partitioned tensors: use `gather_full_state_dict`,
   a collective that every rank must call. A model built outside `deepspeed.zero.Init` is partitioned by
-  `deepspeed.initialize`, so every rank first holds the whole model.
+  `deepspeed.initialize`, so every rank first holds the whole model: load models inside `partitioned_load`.
+  Parameters created outside it (PEFT's adapters, a value head) are partitioned by `deepspeed.initialize`.
 - HF gradient checkpointing acts only in train mode; `create_engine` turns dropout off for good and leaves
   the module in train mode. Each process's first `deepspeed.initialize` spends ~4 s importing torch inductor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import deepspeed
@@ -164,11 +166,12 @@ def _skip_cpu_shm_comm_build() -> None:
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases and norm weights (the 1-d tensors)."""
+    """AdamW groups: weight decay on matrices, none on biases and norm weights (the 1-d tensors). A parameter
+    already partitioned by ZeRO-3 (`partitioned_load`) is empty here: its full shape is `ds_shape`."""
     decay, no_decay = [], []
     for param in model.parameters():  # tied parameters appear once
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -189,6 +192,32 @@ def learner_engine_config(learner, lr: float, micro_batch_size: int, weight_deca
                         max_grad_norm=learner.max_grad_norm, bf16=learner.bf16, micro_batch_size=micro_batch_size,
                         gradient_checkpointing=learner.gradient_checkpointing, fused_optimizer=learner.fused_optimizer,
                         stage3_param_persistence_threshold=learner.zero3_param_persistence_threshold)
+
+
+@contextlib.contextmanager
+def partitioned_load(cfg: EngineConfig, train_batch_size: int | None = None) -> Iterator[None]:
+    """Under ZeRO-3, Hugging Face models loaded inside (`from_pretrained`) are partitioned as they are built,
+    so that no rank ever holds the whole model: transformers builds them in `deepspeed.zero.Init` (through
+    its `HfDeepSpeedConfig`), only rank 0 reads the checkpoint's values (memory-mapped; the other ranks map
+    only its shapes), and each layer is gathered, filled on rank 0 and scattered again as it loads. Under
+    ZeRO-2 every rank holds the whole model anyway, and this does nothing. Call on every rank."""
+    if cfg.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    backend = _check_accelerator(cfg) and require_process_group()
+    _quiet_deepspeed()
+    # DeepSpeed adopts the process group first: its config reads the world size from it
+    deepspeed.comm.init_distributed(dist_backend=backend, dist_init_required=False, verbose=False)
+    # transformers holds it by a weak reference: alive for the block only, so that nothing else in the
+    # process (the sampler's `generate`, a later stage) thinks ZeRO-3 is on
+    active = HfDeepSpeedConfig(build_deepspeed_config(cfg, get_world_size(), train_batch_size))
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del active
 
 
 def create_engine(model: torch.nn.Module, cfg: EngineConfig, train_batch_size: int | None = None):

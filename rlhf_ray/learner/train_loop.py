@@ -45,7 +45,7 @@ from rlhf_ray.learner.distributed import (
 from rlhf_ray.learner.driver import RolloutDriver, StopMarker, reward_component_means, timed
 from rlhf_ray.learner.engine import (
     AdaptersDisabled, EngineConfig, create_engine, create_reference_engine, gather_full_state_dict,
-    learner_engine_config,
+    learner_engine_config, partitioned_load,
 )
 from rlhf_ray.learner.ppo import make_experience, ppo_update
 from rlhf_ray.models import load_tokenizer, resolve_model_path
@@ -125,21 +125,25 @@ def load_learner(config: RunConfig) -> Learner:
     policy_path = resolve_model_path(config.expand(config.model.policy))
     reference_path = resolve_model_path(config.expand(config.model.reference or config.model.policy))
     tokenizer = load_tokenizer(policy_path)
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
+    actor_cfg = engine_config(config, world, config.learner.lr)
+    # ZeRO-3: every model is partitioned as it loads, and no rank holds a whole one (`partitioned_load`)
+    with partitioned_load(actor_cfg, config.ppo.minibatch_size):
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
     if config.model.lora is not None:
         policy = add_adapters(policy, config.model.lora, seed=config.seed)
-    actor = create_engine(policy, engine_config(config, world, config.learner.lr),
-                          train_batch_size=config.ppo.minibatch_size)
+    actor = create_engine(policy, actor_cfg, train_batch_size=config.ppo.minibatch_size)
     critic = None
     if config.ppo.advantage_estimator == "gae":
-        critic = create_engine(ValueModel.from_pretrained(policy_path, dtype=dtype),
-                               engine_config(config, world, config.learner.critic_lr or config.learner.lr),
-                               train_batch_size=config.ppo.minibatch_size)
+        critic_cfg = engine_config(config, world, config.learner.critic_lr or config.learner.lr)
+        with partitioned_load(critic_cfg, config.ppo.minibatch_size):
+            value_model = ValueModel.from_pretrained(policy_path, dtype=dtype)
+        critic = create_engine(value_model, critic_cfg, train_batch_size=config.ppo.minibatch_size)
     if config.model.lora is not None:  # the base model: the policy with its adapters off
         reference = AdaptersDisabled(actor)
     else:
-        reference = create_reference_engine(AutoModelForCausalLM.from_pretrained(reference_path, dtype=dtype),
-                                            engine_config(config, world, config.learner.lr))
+        with partitioned_load(actor_cfg, config.ppo.minibatch_size):
+            reference_model = AutoModelForCausalLM.from_pretrained(reference_path, dtype=dtype)
+        reference = create_reference_engine(reference_model, actor_cfg)
     kl = config.ppo.kl
     kl_controller = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
                      else FixedKLController(kl.coef))
