@@ -59,7 +59,7 @@ def changed_weights(seed: int) -> dict[str, torch.Tensor]:
 def test_a_broadcast_reaches_every_worker_and_the_group_follows_joins_and_leaves(local_ray):
     spec = WorkerSpec(policy="rlhf-ray/tiny-gpt2", reward="envs.builtin:sentiment_reward",
                       params=SamplingParams(max_new_tokens=4), num_cpus=0.5)
-    pool = RolloutPool(spec, num_workers=2, name="sync", limits=PoolLimits(sync_timeout_s=20))
+    pool = RolloutPool(spec, num_workers=3, name="sync", limits=PoolLimits(sync_timeout_s=20))
     try:
         pool.wait_ready(timeout=120)
         for version, seed in ((1, 11), (2, 12)):
@@ -70,16 +70,25 @@ def test_a_broadcast_reaches_every_worker_and_the_group_follows_joins_and_leaves
         gone = pool.remove_worker()
         pool.set_weights_collective(changed_weights(13), 3)
         assert pool._sync_generation == 2 and gone not in pool._sync_members
+        # a worker that died since the last sync (its node went away): its transfer fails, it is dropped, the
+        # others get the weights, and the next sync makes a group without it
+        killed = sorted(pool.workers)[0]
+        ray.kill(pool.workers[killed], no_restart=True)
+        weights = changed_weights(17)
+        pool.set_weights_collective(weights, 4)
+        assert killed not in pool.workers and len(pool) == 1 and pool._sync_members is None
+        assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
         joined = pool.add_worker()
-        pool.set_weights_collective(changed_weights(14), 4)  # the starting worker gets the object-store copy
+        pool.set_weights_collective(changed_weights(14), 5)  # the starting worker gets the object-store copy
+        generation = pool._sync_generation
         pool.wait_ready(timeout=120)
         weights = changed_weights(15)
-        pool.set_weights_collective(weights, 5)
-        assert joined in pool._sync_members and pool._sync_generation == 3
+        pool.set_weights_collective(weights, 6)
+        assert joined in pool._sync_members and pool._sync_generation == generation + 1
         assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
         # episodes after a collective sync carry its version
         episodes = pool.generate([[3, 4, 5]] * 4, [0, 1, 2, 3])
-        assert {e.policy_version for e in episodes} == {5}
+        assert {e.policy_version for e in episodes} == {6}
         # LoRA: only the adapters travel, and every worker merges them into the base weights it keeps
         base, _ = build_tiny_model("gpt2", seed=0)
         lora = LoraSettings(r=4, alpha=8.0, target_modules=["c_attn"])
@@ -89,22 +98,23 @@ def test_a_broadcast_reaches_every_worker_and_the_group_follows_joins_and_leaves
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
         payload = adapter_payload(adapted.state_dict(), lora.alpha / lora.r)
-        pool.set_weights(base.state_dict(), 6)  # the base weights, by the object store
-        pool.set_weights_collective(payload, 7)
+        pool.set_weights(base.state_dict(), 7)  # the base weights, by the object store
+        pool.set_weights_collective(payload, 8)
         merged = merged_state_dict(base, base.state_dict(), payload)
         assert set(pool.weights_digests().values()) == {state_dict_digest(merged)} != {state_dict_digest(base.state_dict())}
         # a bucket that does not match its checksum is refused, and the worker keeps its weights
-        plan, flats = plan_sync(changed_weights(16), 8)
+        plan, flats = plan_sync(changed_weights(16), 9)
         first = plan.buckets[0]
         bad = dataclasses.replace(plan, buckets=(dataclasses.replace(first, checksum=first.checksum + 1),) + plan.buckets[1:])
         members = pool._sync_members
-        calls = [pool.workers[w].receive_weights.remote(bad if i == 0 else plan, 8) for i, w in enumerate(members)]
-        for flat in flats:
-            pool._sync_group.broadcast(flat)
-        with pytest.raises(ray.exceptions.RayTaskError, match=rf"worker {members[0]}: bucket 0 of policy version 8 "
+        calls = [pool.workers[w].receive_weights.remote(bad if i == 0 else plan, 9) for i, w in enumerate(members)]
+        for tag, flat in enumerate(flats):
+            for rank in range(1, len(members) + 1):
+                pool._sync_group.send(flat, rank, tag).wait()
+        with pytest.raises(ray.exceptions.RayTaskError, match=rf"worker {members[0]}: bucket 0 of policy version 9 "
                                                              r"arrived corrupted"):
             ray.get(calls[0], timeout=60)
-        assert ray.get(calls[1:], timeout=60) == [8] * (len(members) - 1)
+        assert ray.get(calls[1:], timeout=60) == [9] * (len(members) - 1)
         assert pool.weights_digests()[members[0]] == state_dict_digest(merged)
     finally:
         pool.shutdown()
@@ -138,8 +148,8 @@ def test_a_worker_that_does_not_join_or_receive_is_named_within_the_sync_timeout
                         r"\(generating 1 prompts for \d+ s\) did not join")
         else:  # the group formed at version 1
             pool.set_weights_collective(changed_weights(21), 1)
-            expected = (rf"weight sync \(policy version 2\) by broadcast did not finish within rollout.sync_timeout_s"
-                        rf"=4 s: worker {busy} \(generating 1 prompts for \d+ s\) did not (receive|answer)")
+            expected = (rf"weight sync \(policy version 2\) did not finish within rollout.sync_timeout_s=4 s: "
+                        rf"worker {busy} \(generating 1 prompts for \d+ s\) did not receive the weights")
         blocker = block(pool, busy)
         started = time.monotonic()
         with pytest.raises(WaitTimeout, match=expected):

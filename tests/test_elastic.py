@@ -89,3 +89,54 @@ def test_scale_of_an_unknown_run_is_a_clear_error():
             scale("nope", 2)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.timeout(420)
+def test_a_run_over_five_nodes_with_collective_sync_loses_a_rollout_node_and_gets_it_back(tmp_path):
+    """A head and four nodes on this machine: two learner ranks (ZeRO-3, partitioned as they load) on the two
+    learner nodes and rollout workers on the two rollout nodes, placed by custom resources; weights travel by
+    the collective sync. One rollout node goes away during the run (its chunks go to the other) and comes
+    back; every iteration trains on its whole batch, and the run finishes."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    [cluster.add_node(num_cpus=1, resources={"learner_node": 1}) for _ in range(2)]
+    rollout_nodes = [cluster.add_node(num_cpus=1, resources={"rollout_node": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    iterations = 60
+    config = load_config("experiments/quickstart.yaml", [
+        f"output_dir={tmp_path}", "name=nodes", f"train.iterations={iterations}", f"train.checkpoint_every={iterations}",
+        "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=1",
+        "learner.num_workers=2", "learner.resources={learner_node: 1}", "learner.zero_stage=3",
+        "learner.zero3_param_persistence_threshold=0", "rollout.sync=collective", "rollout.sync_timeout_s=60",
+        "rollout.workers.min=1", "rollout.workers.max=2", "rollout.resources={rollout_node: 1}"])
+    metrics = tmp_path / "nodes" / "metrics.jsonl"
+    outcome = {}
+
+    def run():
+        try:
+            outcome["run_dir"] = train(config, address=cluster.address, progress=False)
+        except BaseException as err:  # reported by the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: 2 in pool_sizes(metrics) or "error" in outcome, 180, "the pool to grow to 2 workers")
+        assert "error" not in outcome, outcome.get("error")
+        # placed by the custom resources: both learner nodes hold a rank, both rollout nodes a worker
+        free = ray.available_resources()
+        assert free.get("learner_node", 0) == 0 and free.get("rollout_node", 0) == 0, free
+        seen = len(pool_sizes(metrics))
+        cluster.remove_node(rollout_nodes[0])
+        wait_for(lambda: 1 in pool_sizes(metrics)[seen:] or "error" in outcome, 120, "the pool to shrink to 1 worker")
+        seen = len(pool_sizes(metrics))
+        cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
+        wait_for(lambda: 2 in pool_sizes(metrics)[seen:] or "error" in outcome, 120, "the pool to grow back to 2")
+        thread.join(timeout=240)
+        assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == list(range(1, iterations + 1))
+        assert all(r["rollout/episodes"] == 8 for r in rows)  # no sample lost
+        assert max(r["perf/sync_s"] for r in rows) < 60
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

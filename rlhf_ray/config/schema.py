@@ -269,6 +269,7 @@ class LearnerConfig(_Section):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data-parallel ranks)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)  # Ray CPUs of each learner rank
+    resources: dict[str, float] = {}  # custom Ray resources per rank, e.g. {learner_node: 1}: one rank a node
     # torch threads of a rank on CPU. None: the node's Ray CPUs shared among its learner ranks when the rollout
     # workers wait for the update (no rollout.overlap; the supervised stages), else cpus_per_worker
     torch_threads: int | None = Field(None, ge=1)

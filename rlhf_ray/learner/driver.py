@@ -180,6 +180,8 @@ class RolloutDriver:
         response_tokens = int(sum(len(e.response_ids) for e in episodes))
         metrics.update({
             "iteration": state.iteration, "policy_version": state.policy_version, "pool/workers": len(self.pool),
+            # every episode of the batch came back, those of chunks re-sent after a worker was lost too
+            "rollout/episodes": len(episodes), "pool/requeued_chunks": self.pool.requeued_chunks,
             "rollout/staleness": staleness,
             "perf/rollout_s": rollout_s, **reward_component_means(episodes), **rollout_timing(self.chunks),
             **self.sampling,

@@ -17,7 +17,7 @@ def scaling_config(learner):
     """Ray Train's ScalingConfig for the learner group of a `LearnerConfig` (ranks, CPUs and GPU per rank)."""
     from ray.train import ScalingConfig
 
-    resources = {"CPU": learner.cpus_per_worker, **({"GPU": 1} if learner.use_gpu else {})}
+    resources = {"CPU": learner.cpus_per_worker, **({"GPU": 1} if learner.use_gpu else {}), **learner.resources}
     return ScalingConfig(num_workers=learner.num_workers, use_gpu=learner.use_gpu, resources_per_worker=resources)
 
 

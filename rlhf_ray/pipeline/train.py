@@ -71,6 +71,13 @@ def check_resources(config: RunConfig) -> None:
     if config.rollout.use_gpu and gpus < config.rollout.workers.min:
         raise TrainingError(f"rollout.use_gpu is true with rollout.workers.min={config.rollout.workers.min}, "
                             f"but the Ray cluster has {gpus:g} GPU(s)")
+    for section, per_actor, count in (("learner", config.learner.resources, config.learner.num_workers),
+                                      ("rollout", config.rollout.resources, config.rollout.workers.min)):
+        for name, amount in per_actor.items():
+            if total.get(name, 0) < amount * count:
+                raise TrainingError(f"{section}.resources asks for {name}={amount:g} for each of {count} "
+                                    f"{'ranks' if section == 'learner' else 'workers'}, but the Ray cluster has "
+                                    f"{total.get(name, 0):g} {name}")
     learner_cpus = config.learner.num_workers * config.learner.cpus_per_worker
     needed = learner_cpus + config.rollout.workers.min * config.rollout.num_cpus
     if cpus < needed:

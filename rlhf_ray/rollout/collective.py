@@ -1,16 +1,18 @@
-"""Collective weight sync: the learner's rank 0 broadcasts the policy to the rollout workers over a process
-group of their own (gloo on CPU, NCCL on GPU), in buckets, instead of one object-store copy per sync.
+"""Collective weight sync (`rollout.sync: collective`): the learner's rank 0 sends the policy to the rollout
+workers over a gloo process group of their own, in buckets, instead of through the object store.
 
 The group is not torch.distributed's default group (the learner ranks have that one among themselves): it is a
 `ProcessGroupGloo` over a `TCPStore` that rank 0 hosts, made for the pool's current members. When workers join
 or leave (elasticity, faults), the next sync makes a new group with a new prefix and the members of the moment,
-so a run never waits for a worker that is gone. Every wait is bounded by `rollout.sync_timeout_s` and a wait
-that runs out names the workers that did not answer (a hung sync is the peers' most reported failure).
+so a run never waits for a worker that is gone. The whole sync is bounded by `rollout.sync_timeout_s`, and a
+wait that runs out names the workers that did not answer (a hung sync is the peers' most reported failure).
 
 A sync: rank 0 sends each worker the plan (names, shapes, dtypes, buckets, the policy version and a checksum per
-bucket) with a Ray call that the worker answers after its last bucket; then it broadcasts the buckets (each
-bucket one flat tensor of one dtype). Every worker checks the checksums of what it received and loads it (or
-merges LoRA adapters, which are all that travels under LoRA) and answers with its version.
+bucket) with a Ray call that the worker answers after its last bucket; then it sends the buckets (each one flat
+tensor of one dtype). Every worker checks the checksums of what it received, loads it (or merges LoRA adapters,
+which are all that travels under LoRA) and answers with its version.
+
+On GPUs NCCL's broadcast would not grow with the number of workers; it is not here because no GPU has run it.
 """
 
 from __future__ import annotations
@@ -113,50 +115,72 @@ def unflatten(plan: SyncPlan, bucket: Bucket, flat: torch.Tensor) -> dict[str, t
 
 
 class SyncGroup:
-    """One member's handle on a stateless process group: rank 0 hosts the store.
+    """One member's handle on a stateless gloo process group: rank 0 hosts the store and sends.
 
-    Made in two steps so that rank 0 can tell who is missing: the store first (every member other than rank 0
-    then marks its arrival in it), then `connect`, which waits for every member. A member marks each sync it
-    received too, so a broadcast that runs out of time names the members that did not receive."""
+    A group forms in two steps, so that no member ever waits inside gloo for one that is gone: every member
+    marks its arrival in the store, and waits there until rank 0 says `go` (all arrived: then they connect,
+    which takes milliseconds) or `abandon` (one died or did not come in time: they return at once, and rank 0
+    makes a group of the others).
 
-    def __init__(self, host: str, port: int, rank: int, world: int, prefix: str, timeout_s: float,
-                 backend: str = "gloo"):
+    Rank 0 sends each bucket to each member point to point, which is what a gloo broadcast does over TCP too
+    (one copy per receiver from the root), so that a member that dies fails only its own transfer and one
+    that hangs is named: a collective would fail, or wait for, everyone."""
+
+    POLL_S = 0.005
+
+    def __init__(self, host: str, port: int, rank: int, world: int, prefix: str, timeout_s: float):
         import torch.distributed as dist
 
-        if backend not in ("gloo", "nccl"):
-            raise ValueError(f"unknown sync backend {backend!r}; expected 'gloo' or 'nccl'")
-        self.rank, self.world, self.prefix, self.backend = rank, world, prefix, backend
+        self.rank, self.world, self.prefix = rank, world, prefix
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(host, port, world, rank == 0, timeout=self.timeout, wait_for_workers=False)
         self.group = None
         if rank:
-            self.store.set(self._key("arrived", rank), "1")
+            self.store.set(self._key(f"arrived/{rank}"), "1")
 
-    def _key(self, what: str, rank: int) -> str:
-        return f"{self.prefix}/{what}/{rank}"
+    def _key(self, what: str) -> str:
+        return f"{self.prefix}/{what}"
+
+    def missing(self) -> list[int]:
+        """Rank 0: the ranks that have not arrived."""
+        return [r for r in range(1, self.world) if not self.store.check([self._key(f"arrived/{r}")])]
+
+    def decide(self, go: bool) -> None:
+        """Rank 0: let the members connect, or send them home."""
+        self.store.set(self._key("go" if go else "abandon"), "1")
+
+    def join(self) -> bool:
+        """A member: wait for rank 0's decision (within the timeout); connect if it is `go`. False if abandoned."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not self.store.check([self._key("go")]):
+            if self.store.check([self._key("abandon")]):
+                return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"weight-sync group {self.prefix}: rank 0 did not decide within "
+                                   f"{self.timeout.total_seconds():g} s")
+            time.sleep(self.POLL_S)
+        self.connect()
+        return True
 
     def connect(self) -> SyncGroup:
-        """Join the process group; it forms when every member has joined (within the timeout)."""
+        """Make the gloo group; it forms when every member connects."""
         import torch.distributed as dist
 
-        store = dist.PrefixStore(self.prefix, self.store)
-        if self.backend == "gloo":
-            self.group = dist.ProcessGroupGloo(store, self.rank, self.world, self.timeout)
-        else:  # experiments/bench_sync.py --backend nccl, from experiments/gpu_check.sh: not yet run on a GPU
-            self.group = dist.ProcessGroupNCCL(store, self.rank, self.world)
+        self.group = dist.ProcessGroupGloo(dist.PrefixStore(self.prefix, self.store), self.rank, self.world,
+                                           self.timeout)
         return self
 
-    def broadcast(self, tensor: torch.Tensor, deadline: float | None = None) -> None:
-        """Rank 0's `tensor` into every member's, waiting at most until `deadline` (`time.monotonic()`)."""
-        timeout = self.timeout if deadline is None else datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.1))
-        self.group.broadcast(tensor, 0).wait(timeout)
+    def send(self, tensor: torch.Tensor, rank: int, tag: int):
+        """Rank 0: start sending `tensor` to `rank`; the work to `wait(timedelta)` on."""
+        return self.group.send([tensor], rank, tag)
 
-    def mark_received(self, version: int) -> None:
-        self.store.set(self._key(f"received-{version}", self.rank), "1")
+    def receive(self, tensor: torch.Tensor, tag: int) -> None:
+        """A member: rank 0's tensor `tag` into `tensor`, within the group's timeout."""
+        self.group.recv([tensor], 0, tag).wait(self.timeout)
 
-    def missing(self, what: str = "arrived") -> list[int]:
-        """The ranks (other than 0) that have not marked `what` (`arrived`, or `received-<version>`)."""
-        return [r for r in range(1, self.world) if not self.store.check([self._key(what, r)])]
+
+def remaining(deadline: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.05))
 
 
 def free_port() -> int:

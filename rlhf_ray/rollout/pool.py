@@ -274,11 +274,13 @@ class RolloutPool:
         return time.perf_counter() - start
 
     def set_weights_collective(self, state_dict, version: int, bucket_bytes: int | None = None) -> float:
-        """Send new weights to every ready worker by a gloo broadcast from this process (rank 0) over a process
-        group of its own with the workers (`rlhf_ray.rollout.collective`), made anew when the members changed;
-        seconds taken. Starting workers get the object-store copy, as with `set_weights`. The whole sync is
-        bounded by `rollout.sync_timeout_s`, and a wait that runs out names the workers."""
-        from rlhf_ray.rollout.collective import DEFAULT_BUCKET_BYTES, plan_sync
+        """Send new weights to every ready worker over a gloo process group of this process (rank 0) and the
+        workers (`rlhf_ray.rollout.collective`), made anew when the members changed; seconds taken.
+
+        Starting workers get the object-store copy, as with `set_weights`. A worker that dies during the sync
+        is dropped (the others get the weights; the next sync makes a group without it). The whole sync is
+        bounded by `rollout.sync_timeout_s`, and a worker that does not join or receive in time is named."""
+        from rlhf_ray.rollout.collective import DEFAULT_BUCKET_BYTES, plan_sync, remaining
 
         start = time.perf_counter()
         deadline = time.monotonic() + self.limits.sync_timeout_s
@@ -287,49 +289,55 @@ class RolloutPool:
             for handle, _ in self.starting.values():
                 handle.set_weights.remote(self._weights_ref, version)
         self.policy_version = version
-        members = sorted(self.workers)
-        if not members:
-            return time.perf_counter() - start
-        if self._sync_members != members:
-            self._make_sync_group(members, deadline)
-        group = self._sync_group
         plan, flats = plan_sync(state_dict, version, bucket_bytes or DEFAULT_BUCKET_BYTES)
+        while self._sync_members != sorted(self.workers):  # a member that died while it formed: once more
+            if not self.workers:
+                return time.perf_counter() - start
+            self._make_sync_group(sorted(self.workers), deadline)
+        group, members = self._sync_group, self._sync_members
         calls = {self.workers[w].receive_weights.remote(plan, version): w for w in members}
-        what = f"weight sync (policy version {version}) by broadcast"
-        try:
-            for flat in flats:
-                group.broadcast(flat, deadline)
-        except RuntimeError as err:  # gloo's timeout, or a member that left: this group is not used again
-            self._sync_members = None
-            late = [members[r - 1] for r in group.missing(f"received-{version}")]
-            self._drop_lost(calls)
-            raise WaitTimeout(f"{what} did not finish within rollout.sync_timeout_s={self.limits.sync_timeout_s:g} "
-                              f"s: {self.describe(late or members)} did not receive ({one_line(err)})") from err
+        failed: dict[str, str] = {}  # worker -> why a send to it failed
+        for tag, flat in enumerate(flats):
+            works = {}
+            for rank, worker in enumerate(members, start=1):
+                if worker not in failed:
+                    try:
+                        works[worker] = group.send(flat, rank, tag)
+                    except RuntimeError as err:  # its connection is gone: it died
+                        failed[worker] = one_line(err)
+            for worker, work in works.items():
+                try:
+                    work.wait(remaining(deadline))
+                except RuntimeError as err:  # the worker died, or did not receive in time
+                    failed[worker] = one_line(err)
         done, late = ray.wait(list(calls), num_returns=len(calls), timeout=max(deadline - time.monotonic(), 0))
-        if late:
-            self._sync_members = None
-            raise WaitTimeout(f"{what} did not finish within rollout.sync_timeout_s={self.limits.sync_timeout_s:g} "
-                              f"s: {self.describe([calls[r] for r in late])} did not answer")
-        if self._drop_lost(calls):
-            self._sync_members = None  # the next sync makes a group without them
+        lost = self._drop_lost({ref: calls[ref] for ref in done})
+        if failed or lost:
+            self._sync_members = None  # the next sync makes a new group
+        hung = [calls[ref] for ref in late if calls[ref] not in lost]
+        if hung:
+            why = "; ".join(f"{w}: {failed[w]}" for w in hung if w in failed)
+            raise WaitTimeout(f"weight sync (policy version {version}) did not finish within rollout.sync_timeout_s="
+                              f"{self.limits.sync_timeout_s:g} s: {self.describe(hung)} did not receive the weights"
+                              + (f" ({why})" if why else ""))
         return time.perf_counter() - start
 
     def _drop_lost(self, calls: dict) -> list[str]:
-        """The workers among `calls` ({ref: worker id}) whose call ended because they died: dropped from the pool
-        (their chunks go to the others). Any other error of a finished call is raised."""
+        """The workers among `calls` ({ref: worker id}, all finished) whose call ended because they died: dropped
+        from the pool (their chunks go to the others). Any other error of a call is raised."""
         lost = []
-        done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
-        for ref in done:
+        for ref, worker in calls.items():
             try:
-                fetch_ready(ref, f"the weight sync of {calls[ref]}")
+                fetch_ready(ref, f"the weight sync of {worker}")
             except WORKER_LOST:
-                self._drop_dead(calls[ref])
-                lost.append(calls[ref])
+                self._drop_dead(worker)
+                lost.append(worker)
         return lost
 
     def _make_sync_group(self, members: list[str], deadline: float) -> None:
-        """A new process group of rank 0 (this process) and `members` (ranks 1..n), with a prefix of its own;
-        members that do not join by `deadline` are named."""
+        """A new process group of rank 0 (this process) and `members` (ranks 1..n), with a prefix of its own.
+        Members that die before they arrive are dropped from the pool, and the group abandoned (the caller
+        makes one of the others); members that do not arrive by `deadline` are named."""
         from rlhf_ray.rollout.collective import SyncGroup, free_port
 
         self._sync_group, self._sync_members = None, None
@@ -337,17 +345,21 @@ class RolloutPool:
         host, port = ray.util.get_node_ip_address(), free_port()
         prefix, world = f"{self.name}-sync-{self._sync_generation}", len(members) + 1
         timeout = max(deadline - time.monotonic(), 0.1)
+        group = SyncGroup(host, port, 0, world, prefix, timeout)
         calls = {self.workers[w].join_sync_group.remote(host, port, rank, world, prefix, timeout): w
                  for rank, w in enumerate(members, start=1)}
-        group = SyncGroup(host, port, 0, world, prefix, timeout)
-        try:
-            group.connect()
-        except RuntimeError as err:
-            late = [members[r - 1] for r in group.missing("arrived")]
-            self._drop_lost(calls)
-            raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s="
-                              f"{self.limits.sync_timeout_s:g} s: {self.describe(late or members)} did not join "
-                              f"({one_line(err)})") from err
+        while group.missing():
+            done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0.05)
+            lost = self._drop_lost({ref: calls[ref] for ref in done})
+            if lost or time.monotonic() > deadline:
+                group.decide(go=False)
+                if lost:
+                    return
+                absent = [members[r - 1] for r in group.missing()]
+                raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s="
+                                  f"{self.limits.sync_timeout_s:g} s: {self.describe(absent)} did not join")
+        group.decide(go=True)
+        group.connect()  # every member has arrived: milliseconds
         done, late = ray.wait(list(calls), num_returns=len(calls), timeout=max(deadline - time.monotonic(), 0))
         if late:
             raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s="

@@ -135,32 +135,32 @@ class RolloutWorker:
         self.policy_version = version
         return version
 
-    def join_sync_group(self, host: str, port: int, rank: int, world: int, prefix: str, timeout_s: float,
-                        backend: str = "gloo") -> int:
-        """Join the collective weight-sync group `prefix` (`rlhf_ray.rollout.collective`) as `rank`; a group this
-        worker was in before is dropped."""
+    def join_sync_group(self, host: str, port: int, rank: int, world: int, prefix: str, timeout_s: float) -> bool:
+        """Join the weight-sync group `prefix` (`rlhf_ray.rollout.collective`) as `rank`, unless rank 0 abandons it
+        (False); a group this worker was in before is dropped."""
         from rlhf_ray.rollout.collective import SyncGroup
 
         self.sync_group = None
-        self.sync_group = SyncGroup(host, port, rank, world, prefix, timeout_s, backend).connect()
-        return rank
+        group = SyncGroup(host, port, rank, world, prefix, timeout_s)
+        if not group.join():
+            return False
+        self.sync_group = group
+        return True
 
     def receive_weights(self, plan, version: int) -> int:
-        """Receive the buckets of `plan` from rank 0 of the sync group, check each bucket's checksum and the
-        version, and load them (`set_weights`: full weights, or LoRA adapters to merge)."""
+        """Receive the buckets of `plan` from rank 0 of the sync group, check each one's checksum, and load them
+        (`set_weights`: full weights, or LoRA adapters to merge); a corrupted bucket leaves the weights as they
+        were."""
         from rlhf_ray.rollout.collective import checksum, unflatten
 
-        if plan.version != version:
-            raise ValueError(f"worker {self.worker_id}: a sync plan of policy version {plan.version} sent as {version}")
-        # gloo moves host tensors; NCCL the GPU's
-        device = next(self.model.parameters()).device if self.sync_group.backend == "nccl" else "cpu"
-        received: dict[str, torch.Tensor] = {}
+        if self.sync_group is None:
+            raise RuntimeError(f"worker {self.worker_id} is in no weight-sync group")
         buckets = []
-        for bucket in plan.buckets:
-            flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype), device=device)
-            self.sync_group.broadcast(flat)
+        for tag, bucket in enumerate(plan.buckets):
+            flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype))
+            self.sync_group.receive(flat, tag)
             buckets.append(flat)
-        self.sync_group.mark_received(version)
+        received: dict[str, torch.Tensor] = {}
         for index, (bucket, flat) in enumerate(zip(plan.buckets, buckets)):
             if checksum(flat) != bucket.checksum:
                 raise RuntimeError(f"worker {self.worker_id}: bucket {index} of policy version {version} arrived "
