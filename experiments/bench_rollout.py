@@ -77,6 +77,13 @@ CASES = [
     Case("gpt2_4x256_b32_sample", "gpt2-4x256", 32, 32, 32, greedy=False),
     Case("gpt2_4x256_b32_greedy", "gpt2-4x256", 32, 32, 32, greedy=True),
 ]
+# GPT-2 small's shape (12 x 768, 124M parameters) at the batches of a GPU rollout worker: for `--device cuda`
+# (experiments/gpu_check.sh); not in the default run, since a CPU takes minutes per run of them
+GPU_CASES = [
+    Case("gpt2_small_b256_greedy", "gpt2-small", 256, 64, 64, greedy=True),
+    Case("gpt2_small_b1024_greedy", "gpt2-small", 1024, 64, 64, greedy=True),
+]
+DEVICE = torch.device("cpu")  # --device
 
 
 @dataclass(frozen=True)
@@ -104,13 +111,15 @@ def build_model(kind: str):
     """A randomly initialised model and a tokenizer with exactly its vocabulary; nothing is downloaded."""
     if kind == "tiny-gpt2":
         return build_tiny_model("gpt2", seed=0)
-    if kind == "gpt2-4x256":
+    if kind in ("gpt2-4x256", "gpt2-small"):
         from transformers import AutoModelForCausalLM, GPT2Config
 
         # GPT-2's vocabulary size (50257), so the output layer and the per-step softmax are full-sized
         words = SPECIAL_TOKENS + [f"w{i}" for i in range(50257 - len(SPECIAL_TOKENS))]
         tokenizer = build_tiny_tokenizer(words)
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=256, n_layer=4, n_head=4,
+        shape = (dict(n_positions=256, n_embd=256, n_layer=4, n_head=4) if kind == "gpt2-4x256"
+                 else dict(n_positions=1024, n_embd=768, n_layer=12, n_head=12))
+        config = GPT2Config(vocab_size=len(tokenizer), **shape,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
@@ -120,7 +129,7 @@ def build_model(kind: str):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model.eval(), tokenizer
-    raise ValueError(f"unknown model {kind!r}; expected 'tiny-gpt2' or 'gpt2-4x256'")
+    raise ValueError(f"unknown model {kind!r}; expected 'tiny-gpt2', 'gpt2-4x256' or 'gpt2-small'")
 
 
 def forbid_eos(model, eos_token_id: int) -> None:
@@ -161,6 +170,7 @@ def time_sampler(sampler: Sampler, prompts: list[list[int]], iteration: int) -> 
 
 def time_generate(model, tokenizer, prompts: list[list[int]], case: Case, iteration: int) -> Timing:
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P): the sampler's padding
+    input_ids, attention_mask = input_ids.to(DEVICE), attention_mask.to(DEVICE)
     sampling = {} if case.greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
     torch.manual_seed(iteration)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -168,7 +178,7 @@ def time_generate(model, tokenizer, prompts: list[list[int]], case: Case, iterat
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=case.new_tokens,
                              do_sample=not case.greedy, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
-    response = out[:, input_ids.shape[1]:]  # (B, R)
+        response = out[:, input_ids.shape[1]:].cpu()  # (B, R); waits for the device
     return Timing(time.perf_counter() - wall, time.process_time() - cpu, int(response.numel()), response.tolist())
 
 
@@ -188,6 +198,7 @@ def response_tokens(rows: list[list[int]], eos_token_id: int) -> int:
 def run_continuous_case(case: ContinuousCase, repeats: int) -> dict:
     model, tokenizer = build_model(case.model)
     bias_eos(model, tokenizer.eos_token_id, case.eos_p, len(tokenizer))
+    model.to(DEVICE)
     prompts = make_prompts(tokenizer, case.prompts, case.prompt_length, seed=2)
     params = SamplingParams(max_new_tokens=case.new_tokens)
     continuous = Sampler(model, tokenizer, zero_reward, params, max_batch=case.max_batch)
@@ -253,6 +264,7 @@ def print_continuous_table(results: list[dict], threads: int) -> None:
 def run_case(case: Case, repeats: int, min_seconds: float, max_repeats: int = 60) -> dict:
     model, tokenizer = build_model(case.model)
     forbid_eos(model, tokenizer.eos_token_id)
+    model.to(DEVICE)
     prompts = make_prompts(tokenizer, case.batch, case.prompt_length, seed=1)
     params = SamplingParams(max_new_tokens=case.new_tokens, temperature=1.0, top_k=0, top_p=1.0, greedy=case.greedy)
     sampler = Sampler(model, tokenizer, zero_reward, params)
@@ -294,7 +306,7 @@ def run_case(case: Case, repeats: int, min_seconds: float, max_repeats: int = 60
 
 
 def print_table(results: list[dict], threads: int) -> None:
-    print(f"\nrollout tokens/s (median of interleaved runs, torch threads = {threads})")
+    print(f"\nrollout tokens/s on {DEVICE} (median of interleaved runs, torch threads = {threads})")
     header = (f"{'case':<24} {'params':>8} {'B':>4} {'P':>4} {'R':>4} {'sampler tok/s':>14} {'generate tok/s':>15} "
               f"{'ratio':>6} {'cpu-time ratio':>15}")
     print(header)
@@ -318,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=10.0,
                         help="keep timing pairs of runs until a case has been timed this long (at most 60 pairs)")
     parser.add_argument("--cases", default=",".join(c.name for c in CASES),
-                        help=f"comma-separated subset of {[c.name for c in CASES]}")
+                        help=f"comma-separated subset of {[c.name for c in CASES + GPU_CASES]}")
+    parser.add_argument("--device", default="cpu", help="where both sides run: cpu, or cuda (gpu_check.sh)")
     parser.add_argument("--continuous-cases", default=",".join(c.name for c in CONTINUOUS_CASES),
                         help=f"comma-separated subset of {[c.name for c in CONTINUOUS_CASES]}; '' for none")
     parser.add_argument("--default-malloc", action="store_true",
@@ -327,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
-    by_name = {c.name: c for c in CASES}
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    by_name = {c.name: c for c in CASES + GPU_CASES}
     unknown = [n for n in args.cases.split(",") if n and n not in by_name]
     continuous_by_name = {c.name: c for c in CONTINUOUS_CASES}
     unknown += [n for n in args.continuous_cases.split(",") if n and n not in continuous_by_name]
@@ -357,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import transformers
 
-        report = {"threads": args.threads, "repeats": args.repeats, "min_seconds": args.min_seconds,
+        report = {"threads": args.threads, "device": args.device, "repeats": args.repeats,
+                  "min_seconds": args.min_seconds,
                   "malloc_tuned": malloc_tuned,
                   "cpus": os.cpu_count(),
                   "torch": torch.__version__, "transformers": transformers.__version__,

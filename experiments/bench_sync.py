@@ -2,6 +2,7 @@
 
     python experiments/bench_sync.py [--model smollm2-shape] [--workers 2] [--repeats 5] [--json PATH]
     python experiments/bench_sync.py --quick          # tiny GPT-2, 1 repeat: a smoke run
+    python experiments/bench_sync.py --table          # both paths, every payload, 1, 2 and 4 workers
 
 The measure is `RolloutPool.set_weights(state_dict, version)` (rlhf_ray/rollout/pool.py), the call the
 training loop makes after every PPO update: one `ray.put` of the state dict, then every worker's
@@ -24,6 +25,12 @@ them alike (median of `--repeats` each, after one warm-up):
 
 Correctness is checked once, after the warm-up sync, whose weights differ from the ones the workers
 loaded from disk: every worker's `weights_digest` must equal the digest of the state dict sent.
+
+`--table`: seconds against bytes and workers, both paths: `RolloutPool.set_weights` (the object store) and
+`RolloutPool.set_weights_collective` (`rollout.sync: collective`, gloo sends from the driver, which stands for
+the learner's rank 0), for the full state dict and the LoRA payloads below, to 1, 2 and 4 workers (the pool
+grows between rows; the collective group is made again, outside the timing). Median of `--repeats` after a
+warm-up per cell; every worker's digest is checked after each path's warm-up.
 
 LoRA rows (`model.lora`): the same call with only the adapters (`rlhf_ray.models.lora.adapter_payload`)
 of r=16 adapters on the attention projections q_proj and v_proj, and on every linear layer, with random
@@ -186,6 +193,53 @@ def time_lora_syncs(pool, model, state: dict, kind: str, repeats: int, version: 
     return rows
 
 
+def sync_table(pool, model, state: dict, kind: str, workers: list[int], repeats: int, started: float) -> list[dict]:
+    """Rows of (payload, bytes, workers, path, median seconds): both sync paths, every payload, each pool size."""
+    from rlhf_ray.models.lora import merged_state_dict
+    from rlhf_ray.rollout.worker import state_dict_digest
+
+    payloads = {"full state dict": (state, state_dict_digest(state))}
+    for label, targets in lora_targets(kind).items():
+        payload = lora_payload(model, targets)
+        payloads[f"LoRA {label}"] = (payload, state_dict_digest(merged_state_dict(model, state, payload)))
+    paths = {"object store": pool.set_weights, "collective": pool.set_weights_collective}
+    rows, version = [], 100
+    for count in workers:
+        while len(pool) < count:
+            pool.add_worker()
+            pool.wait_ready(timeout=None)
+        for label, (payload, expected) in payloads.items():
+            for path, sync in paths.items():
+                if label.startswith("LoRA"):  # adapters merge into the base weights the workers keep
+                    pool.set_weights(state, version)
+                    version += 1
+                sync(payload, version)  # warm-up (and, for the collective path, the group of these members)
+                version += 1
+                wrong = sorted(w for w, digest in pool.weights_digests().items() if digest != expected)
+                if wrong:
+                    raise RuntimeError(f"{path}, {label}: workers {wrong} do not hold the weights sent")
+                times = []
+                for _ in range(repeats):
+                    times.append(sync(payload, version))
+                    version += 1
+                nbytes = sum(t.numel() * t.element_size() for t in unique_tensors(payload))
+                rows.append({"payload": label, "bytes": nbytes, "workers": count, "path": path,
+                             "sync_s": statistics.median(times), "runs": times})
+                progress(f"{count} worker(s), {label}, {path}: {rows[-1]['sync_s']:.4f} s", started)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'payload':<24} {'MB':>8} {'workers':>7} {'object store s':>15} {'collective s':>13} {'ratio':>6}")
+    cells = {(r["payload"], r["workers"], r["path"]): r for r in rows}
+    for (label, count, path), row in cells.items():
+        if path != "object store":
+            continue
+        other = cells[(label, count, "collective")]
+        print(f"{label:<24} {row['bytes'] / 1e6:>8.2f} {count:>7} {row['sync_s']:>15.4f} {other['sync_s']:>13.4f} "
+              f"{other['sync_s'] / row['sync_s']:>6.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=MODELS, default="smollm2-shape",
@@ -196,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"set {ZERO_COPY_ENV}=1 in the driver and the workers: Ray then sends torch tensors "
                              "as arrays that `ray.get` maps without a copy")
     parser.add_argument("--quick", action="store_true", help="smoke run: --model tiny --repeats 1")
+    parser.add_argument("--table", action="store_true",
+                        help="both paths (object store, collective), every payload, to 1, 2 and 4 workers")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -226,13 +282,25 @@ def main(argv: list[str] | None = None) -> int:
         model_bytes = sum(t.numel() * t.element_size() for t in unique_tensors(state))
         progress(f"model {args.model}: {parameters / 1e6:.1f}M parameters, {model_bytes / 1e6:.2f} MB", started)
 
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, args.workers), include_dashboard=False,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4 if args.table else args.workers),
+                 include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": env})
         progress("Ray started", started)
         pool = None
         try:
             spec = WorkerSpec(policy=str(path), reward="envs.builtin:sentiment_reward",
                               params=SamplingParams(max_new_tokens=4))
+            if args.table:
+                pool = RolloutPool(spec, num_workers=1, name="bench-sync-table")
+                pool.wait_ready(timeout=None)
+                rows = sync_table(pool, model, state, args.model, [1, 2, 4], args.repeats, started)
+                print(f"\nweight sync, {args.model}: median of {args.repeats} after a warm-up, every worker's "
+                      "digest checked; ratio = collective / object store")
+                print_table(rows)
+                if args.json:
+                    write_json(args.json, {"benchmark": "sync_table", "model": args.model, "rows": rows,
+                                           "cpus": os.cpu_count(), "torch": torch.__version__})
+                return 0
             pool = RolloutPool(spec, num_workers=args.workers, name="bench-sync")
             pool.wait_ready(timeout=None)
             if len(pool) != args.workers:

@@ -11,6 +11,10 @@ optimizer step on `--tokens` random tokens per rank, and gather the full weights
 the table has the peak of the process's private memory (RssAnon: what the rank allocated, not the
 checkpoint file's pages, which the kernel shares and can drop) above what it held before the load, at
 the end of each phase; and VmHWM, the peak of its whole resident set, which includes the file's pages.
+
+`--trim` runs the ranks with glibc returning freed memory to the system at once (MALLOC_TRIM_THRESHOLD_=0,
+MALLOC_MMAP_THRESHOLD_=65536): without it, a rank's resident memory keeps what it once allocated and freed
+(ZeRO-3 gathers and frees every layer), and the peaks say more about the allocator than about ZeRO.
 """
 
 from __future__ import annotations
@@ -95,7 +99,11 @@ def one_rank(config: dict) -> dict:
     return {"ranks": every}
 
 
-def run_setting(model: str, ranks: int, stage: int, zero_init: bool, tokens: int, storage: Path) -> list[dict]:
+TRIM_ENV = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_setting(model: str, ranks: int, stage: int, zero_init: bool, tokens: int, storage: Path,
+                trim: bool) -> list[dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -109,7 +117,8 @@ def run_setting(model: str, ranks: int, stage: int, zero_init: bool, tokens: int
                            run_config=RunConfig(name=f"zero{stage}-{int(zero_init)}", storage_path=str(storage),
                                                 worker_runtime_env={"env_vars": {
                                                     **deepspeed_worker_env(use_gpu=False),
-                                                    "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}}))
+                                                    "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+                                                    **(TRIM_ENV if trim else {})}}))
     return trainer.fit().return_value["ranks"]
 
 
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="tokens of the one training sequence per rank")
+    parser.add_argument("--trim", action="store_true", help="glibc returns freed memory at once (see above)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench_zero3_") as tmp:
             for name, (stage, zero_init) in SETTINGS.items():
-                results[name] = run_setting(path, args.ranks, stage, zero_init, args.tokens, Path(tmp))
+                results[name] = run_setting(path, args.ranks, stage, zero_init, args.tokens, Path(tmp), args.trim)
                 progress(f"{name}: done", started)
     finally:
         ray.shutdown()
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\npeak private memory (RssAnon) per learner rank above its start, MB: {args.model} "
           f"({parameters / 1e6:.1f}M parameters, {parameters * 4 / 1e6:.0f} MB float32), {args.ranks} CPU ranks, "
-          f"AdamW, one step of {args.tokens} tokens per rank")
+          f"AdamW, one step of {args.tokens} tokens per rank"
+          + (", freed memory returned at once (--trim)" if args.trim else ""))
     header = f"{'setting':<46} {'rank':>4} {'params held':>12} " + " ".join(f"{p:>8}" for p in PHASES) + f" {'VmHWM':>8}"
     print(header)
     for name, ranks in results.items():
@@ -149,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                   + " ".join(f"{r[p + '_mb']:>8.0f}" for p in PHASES) + f" {r['vm_hwm_mb']:>8.0f}")
     if args.json:
         write_json(args.json, {"benchmark": "zero3_memory", "model": args.model, "ranks": args.ranks,
-                               "tokens": args.tokens, "parameters": parameters, "results": results})
+                               "tokens": args.tokens, "trim": args.trim, "parameters": parameters,
+                               "results": results})
     return 0
 
 

@@ -2,9 +2,9 @@
 over a real gloo group from this process to real rollout workers on a local Ray, with joins, leaves and a
 worker that does not answer."""
 
-import dataclasses
 import os
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from rlhf_ray.config import LoraSettings
 from rlhf_ray.errors import WaitTimeout
 from rlhf_ray.models import build_tiny_model, load_policy
 from rlhf_ray.models.lora import adapter_payload, add_adapters, merged_state_dict
-from rlhf_ray.rollout.collective import checksum, plan_sync, unflatten
+from rlhf_ray.rollout.collective import bucket_tensor, checksum, plan_sync, unflatten
 from rlhf_ray.rollout.pool import PoolLimits, RolloutPool, WorkerSpec
 from rlhf_ray.rollout.sampler import SamplingParams
 from rlhf_ray.rollout.worker import state_dict_digest
@@ -26,17 +26,19 @@ TESTS = Path(__file__).parent
 def test_the_plan_buckets_by_dtype_and_size_sends_tied_weights_once_and_round_trips():
     shared = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     state = {"a": shared, "tied": shared, "b": torch.ones(4), "c": torch.full((3,), 2.0), "h": torch.ones(2, dtype=torch.bfloat16)}
-    plan, flats = plan_sync(state, version=7, bucket_bytes=40)  # 10 float32s a bucket
+    plan, values = plan_sync(state, version=7, bucket_bytes=40)  # 10 float32s a bucket
     assert [m.name for m in plan.tensors] == ["a", "b", "c", "h"]  # "tied" is the storage of "a"
     assert [(b.dtype, b.tensors, b.numel) for b in plan.buckets] == [
         ("float32", (0, 1), 10), ("float32", (2,), 3), ("bfloat16", (3,), 2)]
     assert plan.version == 7 and plan.nbytes == 4 * 13 + 2 * 2
+    flats = [bucket_tensor(bucket, values) for bucket in plan.buckets]
+    assert flats[1].data_ptr() == state["c"].data_ptr()  # a lone tensor travels without a copy
     received = {}
     for bucket, flat in zip(plan.buckets, flats):
-        assert checksum(flat) == bucket.checksum
         received.update(unflatten(plan, bucket, flat.clone()))
     assert all(torch.equal(received[name], state[name]) for name in ("a", "b", "c", "h"))
-    # one changed word, or two swapped, changes the checksum
+    # CRC-32 of the bytes: 1.0f is 00 00 80 3f; one changed word, or two swapped, changes it
+    assert checksum(torch.tensor([1.0])) == zlib.crc32(bytes([0, 0, 0x80, 0x3F]))
     assert checksum(torch.tensor([1.0, 2.0])) != checksum(torch.tensor([2.0, 1.0]))
     assert checksum(torch.tensor([1.0, 2.0])) != checksum(torch.tensor([1.0, 2.5]))
 
@@ -102,15 +104,16 @@ def test_a_broadcast_reaches_every_worker_and_the_group_follows_joins_and_leaves
         pool.set_weights_collective(payload, 8)
         merged = merged_state_dict(base, base.state_dict(), payload)
         assert set(pool.weights_digests().values()) == {state_dict_digest(merged)} != {state_dict_digest(base.state_dict())}
-        # a bucket that does not match its checksum is refused, and the worker keeps its weights
-        plan, flats = plan_sync(changed_weights(16), 9)
-        first = plan.buckets[0]
-        bad = dataclasses.replace(plan, buckets=(dataclasses.replace(first, checksum=first.checksum + 1),) + plan.buckets[1:])
+        # a bucket that does not match its CRC-32 is refused, and the worker keeps its weights
+        plan, values = plan_sync(changed_weights(16), 9)
         members = pool._sync_members
-        calls = [pool.workers[w].receive_weights.remote(bad if i == 0 else plan, 9) for i, w in enumerate(members)]
-        for tag, flat in enumerate(flats):
+        calls = [pool.workers[w].receive_weights.remote(plan, 9) for w in members]
+        flats = [bucket_tensor(bucket, values) for bucket in plan.buckets]
+        sums = torch.tensor([checksum(flat) for flat in flats], dtype=torch.int64)
+        wrong = sums + torch.tensor([1] + [0] * (len(flats) - 1))  # what rank 1 gets: bucket 0 "differs"
+        for tag, payload in enumerate([*flats, sums]):
             for rank in range(1, len(members) + 1):
-                pool._sync_group.send(flat, rank, tag).wait()
+                pool._sync_group.send(wrong if tag == len(flats) and rank == 1 else payload, rank, tag).wait()
         with pytest.raises(ray.exceptions.RayTaskError, match=rf"worker {members[0]}: bucket 0 of policy version 9 "
                                                              r"arrived corrupted"):
             ray.get(calls[0], timeout=60)

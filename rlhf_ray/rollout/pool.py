@@ -280,7 +280,9 @@ class RolloutPool:
         Starting workers get the object-store copy, as with `set_weights`. A worker that dies during the sync
         is dropped (the others get the weights; the next sync makes a group without it). The whole sync is
         bounded by `rollout.sync_timeout_s`, and a worker that does not join or receive in time is named."""
-        from rlhf_ray.rollout.collective import DEFAULT_BUCKET_BYTES, plan_sync, remaining
+        import torch
+
+        from rlhf_ray.rollout.collective import DEFAULT_BUCKET_BYTES, bucket_tensor, checksum, plan_sync
 
         start = time.perf_counter()
         deadline = time.monotonic() + self.limits.sync_timeout_s
@@ -289,7 +291,7 @@ class RolloutPool:
             for handle, _ in self.starting.values():
                 handle.set_weights.remote(self._weights_ref, version)
         self.policy_version = version
-        plan, flats = plan_sync(state_dict, version, bucket_bytes or DEFAULT_BUCKET_BYTES)
+        plan, values = plan_sync(state_dict, version, bucket_bytes or DEFAULT_BUCKET_BYTES)
         while self._sync_members != sorted(self.workers):  # a member that died while it formed: once more
             if not self.workers:
                 return time.perf_counter() - start
@@ -297,30 +299,58 @@ class RolloutPool:
         group, members = self._sync_group, self._sync_members
         calls = {self.workers[w].receive_weights.remote(plan, version): w for w in members}
         failed: dict[str, str] = {}  # worker -> why a send to it failed
-        for tag, flat in enumerate(flats):
-            works = {}
-            for rank, worker in enumerate(members, start=1):
-                if worker not in failed:
-                    try:
-                        works[worker] = group.send(flat, rank, tag)
-                    except RuntimeError as err:  # its connection is gone: it died
-                        failed[worker] = one_line(err)
-            for worker, work in works.items():
-                try:
-                    work.wait(remaining(deadline))
-                except RuntimeError as err:  # the worker died, or did not receive in time
-                    failed[worker] = one_line(err)
+        received = dict.fromkeys(members, 0)  # worker -> buckets it has received
+        pending: dict = {}  # the sends of the last bucket, waited for once the next one has started
+        sums, sending = [], None  # the bucket gloo may still read from
+        for tag, bucket in enumerate(plan.buckets):
+            flat = bucket_tensor(bucket, values)
+            started = self._send_to_members(group, members, flat, tag, failed)
+            sums.append(checksum(flat))  # while gloo sends
+            self._wait_sends(pending, failed, received, deadline)
+            pending, sending = started, flat
+        crc = torch.tensor(sums, dtype=torch.int64)
+        self._wait_sends(pending, failed, received, deadline)
+        del sending
+        self._wait_sends(self._send_to_members(group, members, crc, len(sums), failed), failed, received, deadline)
         done, late = ray.wait(list(calls), num_returns=len(calls), timeout=max(deadline - time.monotonic(), 0))
         lost = self._drop_lost({ref: calls[ref] for ref in done})
         if failed or lost:
             self._sync_members = None  # the next sync makes a new group
-        hung = [calls[ref] for ref in late if calls[ref] not in lost]
-        if hung:
+        late = [calls[ref] for ref in late if calls[ref] not in lost]
+        if late:
+            # who held the sync up: the workers that got the fewest buckets (the others waited behind them)
+            hung = [w for w in late if received[w] == min(received[w] for w in late)]
             why = "; ".join(f"{w}: {failed[w]}" for w in hung if w in failed)
+            behind = [w for w in late if w not in hung]
             raise WaitTimeout(f"weight sync (policy version {version}) did not finish within rollout.sync_timeout_s="
                               f"{self.limits.sync_timeout_s:g} s: {self.describe(hung)} did not receive the weights"
-                              + (f" ({why})" if why else ""))
+                              + (f" ({why})" if why else "")
+                              + (f"; {', '.join(behind)} waited behind {'it' if len(hung) == 1 else 'them'}"
+                                 if behind else ""))
         return time.perf_counter() - start
+
+    @staticmethod
+    def _send_to_members(group, members: list[str], tensor, tag: int, failed: dict) -> dict:
+        """Start sending `tensor` to every member that has not failed; {worker: work}."""
+        works = {}
+        for rank, worker in enumerate(members, start=1):
+            if worker not in failed:
+                try:
+                    works[worker] = group.send(tensor, rank, tag)
+                except RuntimeError as err:  # its connection is gone: it died
+                    failed[worker] = one_line(err)
+        return works
+
+    @staticmethod
+    def _wait_sends(works: dict, failed: dict, received: dict, deadline: float) -> None:
+        from rlhf_ray.rollout.collective import remaining
+
+        for worker, work in works.items():
+            try:
+                work.wait(remaining(deadline))
+                received[worker] += 1
+            except RuntimeError as err:  # the worker died, or did not receive in time
+                failed.setdefault(worker, one_line(err))
 
     def _drop_lost(self, calls: dict) -> list[str]:
         """The workers among `calls` ({ref: worker id}, all finished) whose call ended because they died: dropped

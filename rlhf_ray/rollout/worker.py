@@ -148,23 +148,29 @@ class RolloutWorker:
         return True
 
     def receive_weights(self, plan, version: int) -> int:
-        """Receive the buckets of `plan` from rank 0 of the sync group, check each one's checksum, and load them
-        (`set_weights`: full weights, or LoRA adapters to merge); a corrupted bucket leaves the weights as they
-        were."""
+        """Receive the buckets of `plan` from rank 0 of the sync group, then their CRC-32s, check each bucket's
+        (while the next one arrives), and load them (`set_weights`: full weights, or LoRA adapters to merge); a
+        corrupted bucket leaves the weights as they were."""
         from rlhf_ray.rollout.collective import checksum, unflatten
 
         if self.sync_group is None:
             raise RuntimeError(f"worker {self.worker_id} is in no weight-sync group")
-        buckets = []
-        for tag, bucket in enumerate(plan.buckets):
-            flat = torch.empty(bucket.numel, dtype=getattr(torch, bucket.dtype))
-            self.sync_group.receive(flat, tag)
-            buckets.append(flat)
+        group, count = self.sync_group, len(plan.buckets)
+        flats = [torch.empty(b.numel, dtype=getattr(torch, b.dtype)) for b in plan.buckets]
+        expected = torch.empty(count, dtype=torch.int64)
+        works = [group.start_receive(flat, tag) for tag, flat in enumerate(flats)]
+        works.append(group.start_receive(expected, count))
+        sums = []
+        for flat, work in zip(flats, works):
+            group.wait(work)
+            sums.append(checksum(flat))  # while the next bucket arrives
+        group.wait(works[-1])
+        bad = [i for i, (got, sent) in enumerate(zip(sums, expected.tolist())) if got != sent]
+        if bad:
+            raise RuntimeError(f"worker {self.worker_id}: bucket {bad[0]} of policy version {version} arrived "
+                               "corrupted (its CRC-32 differs from the learner's)")
         received: dict[str, torch.Tensor] = {}
-        for index, (bucket, flat) in enumerate(zip(plan.buckets, buckets)):
-            if checksum(flat) != bucket.checksum:
-                raise RuntimeError(f"worker {self.worker_id}: bucket {index} of policy version {version} arrived "
-                                   "corrupted (its checksum differs from the learner's)")
+        for bucket, flat in zip(plan.buckets, flats):
             received.update(unflatten(plan, bucket, flat))
         return self.set_weights(received, version)
 
