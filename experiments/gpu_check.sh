@@ -3,8 +3,8 @@
 #
 #   bash experiments/gpu_check.sh [OUT]        # OUT: where the logs and JSON go (default $OUT or /tmp/gpu_check)
 #
-# On the project's lent GPU machine, from the repo root (its image has torch and transformers but not ray,
-# deepspeed or gymnasium: `bash ../shared/device/make-bundle.sh` here first, and carry `.devbundle`):
+# On a GPU machine whose image has torch and transformers but not ray, deepspeed or gymnasium, from the repo
+# root (`bash ../shared/device/make-bundle.sh` here first, and carry `.devbundle`):
 #
 #   bash .devbundle/setup.sh && export PYTHONPATH=/tmp/site:$PYTHONPATH && bash experiments/gpu_check.sh
 #
@@ -16,7 +16,7 @@
 #    1, 2 and 4 GPU-less workers, on this machine's cores;
 # then one table of all of it. Each step has its own time bound and a failing step does not stop the others.
 #
-# Not run by any machine yet (no GPU was lent when it was written): expect to fix what breaks on the first run.
+# Not run by any machine yet (written where there was no GPU): expect to fix what breaks on the first run.
 # NCCL weight sync is not built (the collective path is gloo); `bench_learner.py` is CPU-only (a gloo group of
 # one rank), so the learner's GPU figure comes from the quickstart's metrics.
 set -uo pipefail

@@ -68,29 +68,33 @@ def test_a_broadcast_reaches_every_worker_and_the_group_follows_joins_and_leaves
             weights = changed_weights(seed)
             pool.set_weights_collective(weights, version, bucket_bytes=64 << 10)  # several buckets
             assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
-        assert pool._sync_generation == 1  # the same members: the same group
+        assert pool.collective.generation == 1  # the same members: the same group
         gone = pool.remove_worker()
         pool.set_weights_collective(changed_weights(13), 3)
-        assert pool._sync_generation == 2 and gone not in pool._sync_members
+        assert pool.collective.generation == 2 and gone not in pool.collective.members
         # a worker that died since the last sync (its node went away): its transfer fails, it is dropped, the
         # others get the weights, and the next sync makes a group without it
         killed = sorted(pool.workers)[0]
         ray.kill(pool.workers[killed], no_restart=True)
         weights = changed_weights(17)
         pool.set_weights_collective(weights, 4)
-        assert killed not in pool.workers and len(pool) == 1 and pool._sync_members is None
+        assert killed not in pool.workers and len(pool) == 1 and pool.collective.members is None
         assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
         joined = pool.add_worker()
         pool.set_weights_collective(changed_weights(14), 5)  # the starting worker gets the object-store copy
-        generation = pool._sync_generation
+        generation = pool.collective.generation
         pool.wait_ready(timeout=120)
         weights = changed_weights(15)
         pool.set_weights_collective(weights, 6)
-        assert joined in pool._sync_members and pool._sync_generation == generation + 1
+        assert joined in pool.collective.members and pool.collective.generation == generation + 1
         assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
         # episodes after a collective sync carry its version
         episodes = pool.generate([[3, 4, 5]] * 4, [0, 1, 2, 3])
         assert {e.policy_version for e in episodes} == {6}
+        # a worker added after a collective sync (none was starting) loads the newest weights, not older ones
+        pool.add_worker()
+        pool.wait_ready(timeout=120)
+        assert set(pool.weights_digests().values()) == {state_dict_digest(weights)}
         # LoRA: only the adapters travel, and every worker merges them into the base weights it keeps
         base, _ = build_tiny_model("gpt2", seed=0)
         lora = LoraSettings(r=4, alpha=8.0, target_modules=["c_attn"])
@@ -106,14 +110,14 @@ def test_a_broadcast_reaches_every_worker_and_the_group_follows_joins_and_leaves
         assert set(pool.weights_digests().values()) == {state_dict_digest(merged)} != {state_dict_digest(base.state_dict())}
         # a bucket that does not match its CRC-32 is refused, and the worker keeps its weights
         plan, values = plan_sync(changed_weights(16), 9)
-        members = pool._sync_members
+        members = pool.collective.members
         calls = [pool.workers[w].receive_weights.remote(plan, 9) for w in members]
         flats = [bucket_tensor(bucket, values) for bucket in plan.buckets]
         sums = torch.tensor([checksum(flat) for flat in flats], dtype=torch.int64)
         wrong = sums + torch.tensor([1] + [0] * (len(flats) - 1))  # what rank 1 gets: bucket 0 "differs"
         for tag, payload in enumerate([*flats, sums]):
             for rank in range(1, len(members) + 1):
-                pool._sync_group.send(wrong if tag == len(flats) and rank == 1 else payload, rank, tag).wait()
+                pool.collective.group.send(wrong if tag == len(flats) and rank == 1 else payload, rank, tag).wait()
         with pytest.raises(ray.exceptions.RayTaskError, match=rf"worker {members[0]}: bucket 0 of policy version 9 "
                                                              r"arrived corrupted"):
             ray.get(calls[0], timeout=60)
@@ -158,7 +162,7 @@ def test_a_worker_that_does_not_join_or_receive_is_named_within_the_sync_timeout
         with pytest.raises(WaitTimeout, match=expected):
             pool.set_weights_collective(changed_weights(22), 2)
         assert time.monotonic() - started < 20  # a hang detector
-        assert pool._sync_members is None  # a later sync would make a new group
+        assert pool.collective.members is None  # a later sync would make a new group
         ray.get(blocker, timeout=60)
     finally:
         pool.shutdown()

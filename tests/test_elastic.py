@@ -41,15 +41,8 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_removing_and_adding_a_rollout_node_changes_the_pool_and_the_run_finishes(tmp_path):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    rollout_nodes = [cluster.add_node(num_cpus=1, resources={"rollout_node": 1}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    config = load_config("experiments/quickstart.yaml", [
-        f"output_dir={tmp_path}", "name=elastic", "train.iterations=400", "train.checkpoint_every=400",
-        "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=1", "rollout.workers.min=1",
-        "rollout.workers.max=2", "rollout.resources={rollout_node: 1}"])
-    metrics = tmp_path / "elastic" / "metrics.jsonl"
+def train_in_thread(config, cluster) -> tuple[threading.Thread, dict]:
+    """`rlhf-ray train` on `cluster` in a thread; the dict gets its "run_dir", or the "error" it raised."""
     outcome = {}
 
     def run():
@@ -60,6 +53,19 @@ def test_removing_and_adding_a_rollout_node_changes_the_pool_and_the_run_finishe
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return thread, outcome
+
+
+def test_removing_and_adding_a_rollout_node_changes_the_pool_and_the_run_finishes(tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    rollout_nodes = [cluster.add_node(num_cpus=1, resources={"rollout_node": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    config = load_config("experiments/quickstart.yaml", [
+        f"output_dir={tmp_path}", "name=elastic", "train.iterations=400", "train.checkpoint_every=400",
+        "rollout.batch_size=8", "ppo.minibatch_size=8", "ppo.epochs=1", "rollout.workers.min=1",
+        "rollout.workers.max=2", "rollout.resources={rollout_node: 1}"])
+    metrics = tmp_path / "elastic" / "metrics.jsonl"
+    thread, outcome = train_in_thread(config, cluster)
     try:
         wait_for(lambda: 2 in pool_sizes(metrics) or "error" in outcome, 300, "the pool to grow to 2 workers")
         assert "error" not in outcome, outcome.get("error")
@@ -109,16 +115,7 @@ def test_a_run_over_five_nodes_with_collective_sync_loses_a_rollout_node_and_get
         "learner.zero3_param_persistence_threshold=0", "rollout.sync=collective", "rollout.sync_timeout_s=60",
         "rollout.workers.min=1", "rollout.workers.max=2", "rollout.resources={rollout_node: 1}"])
     metrics = tmp_path / "nodes" / "metrics.jsonl"
-    outcome = {}
-
-    def run():
-        try:
-            outcome["run_dir"] = train(config, address=cluster.address, progress=False)
-        except BaseException as err:  # reported by the main thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome = train_in_thread(config, cluster)
     try:
         wait_for(lambda: 2 in pool_sizes(metrics) or "error" in outcome, 180, "the pool to grow to 2 workers")
         assert "error" not in outcome, outcome.get("error")

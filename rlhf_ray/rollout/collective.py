@@ -1,4 +1,4 @@
-"""Collective weight sync (`rollout.sync: collective`): the learner's rank 0 sends the policy to the rollout
+"""Collective weight sync (`rollout.sync: collective`; the pool's side is `CollectiveSync`): the learner's rank 0 sends the policy to the rollout
 workers over a gloo process group of their own, in buckets, instead of through the object store.
 
 The group is not torch.distributed's default group (the learner ranks have that one among themselves): it is a
@@ -191,3 +191,127 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+class CollectiveSync:
+    """A rollout pool's side of `rollout.sync: collective`: the group of the moment, made anew when the pool's
+    ready workers change, and the sends of each sync from this process (rank 0)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.group: SyncGroup | None = None
+        self.members: list[str] | None = None  # the workers of ranks 1..n; None: the next sync makes a group
+        self.generation = 0  # groups made so far (each has a prefix of its own)
+
+    def send(self, state_dict: dict[str, torch.Tensor], version: int, bucket_bytes: int | None = None) -> None:
+        """Send the weights to every ready worker, within `rollout.sync_timeout_s`. A worker that dies meanwhile is
+        dropped from the pool (the others get the weights); one that holds the sync up is named."""
+        from rlhf_ray.errors import WaitTimeout
+
+        pool, limit = self.pool, self.pool.limits.sync_timeout_s
+        deadline = time.monotonic() + limit
+        plan, values = plan_sync(state_dict, version, bucket_bytes or DEFAULT_BUCKET_BYTES)
+        while self.members != sorted(pool.workers):  # a member that died while it formed: once more
+            if not pool.workers:
+                return
+            self._form(sorted(pool.workers), deadline)
+        members = self.members
+        calls = {pool.workers[w].receive_weights.remote(plan, version): w for w in members}
+        failed: dict[str, str] = {}  # worker -> why a send to it failed
+        received = dict.fromkeys(members, 0)  # worker -> buckets it has received
+        pending: dict = {}  # the sends of the last bucket, waited for once the next one has started
+        sums, sending = [], None  # the bucket gloo may still read from
+        for tag, bucket in enumerate(plan.buckets):
+            flat = bucket_tensor(bucket, values)
+            started = self._start_sends(flat, tag, failed)
+            sums.append(checksum(flat))  # while gloo sends
+            self._wait_sends(pending, failed, received, deadline)
+            pending, sending = started, flat
+        self._wait_sends(pending, failed, received, deadline)
+        del sending
+        crc = torch.tensor(sums, dtype=torch.int64)
+        self._wait_sends(self._start_sends(crc, len(sums), failed), failed, received, deadline)
+        done, late = ray_wait(list(calls), deadline)
+        errors: list[Exception] = []  # the workers' own (a corrupted bucket; a receive cut off by the others' failure)
+        lost = pool._drop_lost({ref: calls[ref] for ref in done}, errors)
+        if failed or lost or errors:
+            self.members = None  # the next sync makes a new group
+        late = [calls[ref] for ref in late if calls[ref] not in lost]
+        if late:
+            # who held the sync up: the workers that got the fewest buckets (the others waited behind them)
+            hung = [w for w in late if received[w] == min(received[w] for w in late)]
+            why = "; ".join(f"{w}: {failed[w]}" for w in hung if w in failed)
+            behind = [w for w in late if w not in hung]
+            raise WaitTimeout(f"weight sync (policy version {version}) did not finish within rollout.sync_timeout_s="
+                              f"{limit:g} s: {pool.describe(hung)} did not receive the weights"
+                              + (f" ({why})" if why else "")
+                              + (f"; {', '.join(behind)} waited behind {'it' if len(hung) == 1 else 'them'}"
+                                 if behind else ""))
+        if errors:
+            raise errors[0]
+
+    def _start_sends(self, tensor: torch.Tensor, tag: int, failed: dict) -> dict:
+        """Start sending `tensor` to every member that has not failed; {worker: work}."""
+        from rlhf_ray.errors import one_line
+
+        works = {}
+        for rank, worker in enumerate(self.members, start=1):
+            if worker not in failed:
+                try:
+                    works[worker] = self.group.send(tensor, rank, tag)
+                except RuntimeError as err:  # its connection is gone: it died
+                    failed[worker] = one_line(err)
+        return works
+
+    @staticmethod
+    def _wait_sends(works: dict, failed: dict, received: dict, deadline: float) -> None:
+        from rlhf_ray.errors import one_line
+
+        for worker, work in works.items():
+            try:
+                work.wait(remaining(deadline))
+                received[worker] += 1
+            except RuntimeError as err:  # the worker died, or did not receive in time
+                failed.setdefault(worker, one_line(err))
+
+    def _form(self, members: list[str], deadline: float) -> None:
+        """A new group of rank 0 (this process) and `members` (ranks 1..n). Members that die before they arrive
+        are dropped from the pool and the group abandoned (the caller makes one of the others); members that do
+        not arrive by `deadline` are named."""
+        import ray
+
+        from rlhf_ray.errors import WaitTimeout
+
+        pool, limit = self.pool, self.pool.limits.sync_timeout_s
+        self.group, self.members = None, None
+        self.generation += 1
+        host, port = ray.util.get_node_ip_address(), free_port()
+        prefix, world = f"{pool.name}-sync-{self.generation}", len(members) + 1
+        timeout = max(deadline - time.monotonic(), 0.1)
+        group = SyncGroup(host, port, 0, world, prefix, timeout)
+        calls = {pool.workers[w].join_sync_group.remote(host, port, rank, world, prefix, timeout): w
+                 for rank, w in enumerate(members, start=1)}
+        while group.missing():
+            done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0.05)
+            lost = pool._drop_lost({ref: calls[ref] for ref in done})
+            if lost or time.monotonic() > deadline:
+                group.decide(go=False)
+                if lost:
+                    return
+                raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s={limit:g} s: "
+                                  f"{pool.describe([members[r - 1] for r in group.missing()])} did not join")
+        group.decide(go=True)
+        group.connect()  # every member has arrived: milliseconds
+        done, late = ray_wait(list(calls), deadline)
+        if late:
+            raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s={limit:g} s: "
+                              f"{pool.describe([calls[r] for r in late])} did not join")
+        if not pool._drop_lost({ref: calls[ref] for ref in done}):
+            self.group, self.members = group, members
+
+
+def ray_wait(refs: list, deadline: float) -> tuple[list, list]:
+    """`ray.wait` for all of `refs` until `deadline` (`time.monotonic()`): (done, late)."""
+    import ray
+
+    return ray.wait(refs, num_returns=len(refs), timeout=max(deadline - time.monotonic(), 0))

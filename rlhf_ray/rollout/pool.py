@@ -25,6 +25,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from rlhf_ray.errors import RunStopped, WaitTimeout, one_line, stop_reason
+from rlhf_ray.rollout.collective import CollectiveSync
 from rlhf_ray.rollout.sampler import Episode, SamplingParams
 from rlhf_ray.rollout.worker import RemoteRolloutWorker, RolloutChunk, to_shared_arrays
 
@@ -101,8 +102,9 @@ class RolloutPool:
         self.workers: dict[str, ray.actor.ActorHandle] = {}  # ready
         self.starting: dict[str, tuple[ray.actor.ActorHandle, ray.ObjectRef]] = {}
         self._ids = itertools.count()
-        self._weights_ref = None  # the latest weights, for workers that join later
-        self._sync_group, self._sync_members, self._sync_generation = None, None, 0  # collective sync
+        self._latest = None  # the newest weights, for workers that join later
+        self._weights_ref = None  # their object-store copy, once one was needed
+        self.collective = CollectiveSync(self)  # rollout.sync: collective
         self.policy_version = 0
         self.requeued_chunks = 0
         for _ in range(num_workers):
@@ -134,9 +136,9 @@ class RolloutPool:
             worker_id, self.spec.policy, self.spec.reward, self.spec.params, self.spec.max_length,
             self.spec.dtype, self.spec.use_gpu, self.spec.max_batch,
             self.spec.torch_threads or max(1, int(self.spec.num_cpus)))
-        if self._weights_ref is not None:  # catch up with the learner before the first chunk
-            handle.set_weights.remote(self._weights_ref, self.policy_version)
         self.starting[worker_id] = (handle, handle.info.remote())
+        if self._latest is not None:  # catch up with the learner before the first chunk
+            self._send_latest([worker_id])
         return worker_id
 
     def remove_worker(self, worker_id: str | None = None) -> str:
@@ -252,14 +254,25 @@ class RolloutPool:
             self._ensure_ready_worker()
         return next(iter(self.workers))
 
+    def _keep_latest(self, state_dict, version: int) -> None:
+        """The newest weights, which workers that start later load (put in the object store when one does)."""
+        self._latest, self._weights_ref, self.policy_version = state_dict, None, version
+
+    def _send_latest(self, worker_ids: list[str]) -> dict:
+        """The newest weights to these workers (ready or starting) through one shared object-store copy, read in
+        place from shared memory; a starting worker loads them after its constructor, before any chunk.
+        {call: worker id}."""
+        if self._weights_ref is None:
+            self._weights_ref = ray.put(to_shared_arrays(self._latest))
+        handles = {**{w: h for w, (h, _) in self.starting.items()}, **self.workers}
+        return {handles[w].set_weights.remote(self._weights_ref, self.policy_version): w for w in worker_ids}
+
     def set_weights(self, state_dict, version: int) -> float:
         """Send new weights to every live worker through one shared object-store copy; seconds taken."""
         start = time.perf_counter()
-        self._weights_ref = ray.put(to_shared_arrays(state_dict))  # read in place from shared memory
-        self.policy_version = version
-        for handle, _ in self.starting.values():  # runs after their constructor, before any chunk
-            handle.set_weights.remote(self._weights_ref, version)
-        calls = {w.set_weights.remote(self._weights_ref, version): worker_id for worker_id, w in self.workers.items()}
+        self._keep_latest(state_dict, version)
+        self._send_latest(list(self.starting))
+        calls = self._send_latest(list(self.workers))
         timeout = self.limits.sync_timeout_s
         done, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
         if late:
@@ -275,86 +288,19 @@ class RolloutPool:
 
     def set_weights_collective(self, state_dict, version: int, bucket_bytes: int | None = None) -> float:
         """Send new weights to every ready worker over a gloo process group of this process (rank 0) and the
-        workers (`rlhf_ray.rollout.collective`), made anew when the members changed; seconds taken.
-
-        Starting workers get the object-store copy, as with `set_weights`. A worker that dies during the sync
-        is dropped (the others get the weights; the next sync makes a group without it). The whole sync is
-        bounded by `rollout.sync_timeout_s`, and a worker that does not join or receive in time is named."""
-        import torch
-
-        from rlhf_ray.rollout.collective import DEFAULT_BUCKET_BYTES, bucket_tensor, checksum, plan_sync
-
+        workers (`rlhf_ray.rollout.collective.CollectiveSync`); seconds taken. Starting workers, and workers
+        added later, load an object-store copy, made only for them."""
         start = time.perf_counter()
-        deadline = time.monotonic() + self.limits.sync_timeout_s
-        if self.starting:  # joining workers load this copy after their constructor
-            self._weights_ref = ray.put(to_shared_arrays(state_dict))
-            for handle, _ in self.starting.values():
-                handle.set_weights.remote(self._weights_ref, version)
-        self.policy_version = version
-        plan, values = plan_sync(state_dict, version, bucket_bytes or DEFAULT_BUCKET_BYTES)
-        while self._sync_members != sorted(self.workers):  # a member that died while it formed: once more
-            if not self.workers:
-                return time.perf_counter() - start
-            self._make_sync_group(sorted(self.workers), deadline)
-        group, members = self._sync_group, self._sync_members
-        calls = {self.workers[w].receive_weights.remote(plan, version): w for w in members}
-        failed: dict[str, str] = {}  # worker -> why a send to it failed
-        received = dict.fromkeys(members, 0)  # worker -> buckets it has received
-        pending: dict = {}  # the sends of the last bucket, waited for once the next one has started
-        sums, sending = [], None  # the bucket gloo may still read from
-        for tag, bucket in enumerate(plan.buckets):
-            flat = bucket_tensor(bucket, values)
-            started = self._send_to_members(group, members, flat, tag, failed)
-            sums.append(checksum(flat))  # while gloo sends
-            self._wait_sends(pending, failed, received, deadline)
-            pending, sending = started, flat
-        crc = torch.tensor(sums, dtype=torch.int64)
-        self._wait_sends(pending, failed, received, deadline)
-        del sending
-        self._wait_sends(self._send_to_members(group, members, crc, len(sums), failed), failed, received, deadline)
-        done, late = ray.wait(list(calls), num_returns=len(calls), timeout=max(deadline - time.monotonic(), 0))
-        lost = self._drop_lost({ref: calls[ref] for ref in done})
-        if failed or lost:
-            self._sync_members = None  # the next sync makes a new group
-        late = [calls[ref] for ref in late if calls[ref] not in lost]
-        if late:
-            # who held the sync up: the workers that got the fewest buckets (the others waited behind them)
-            hung = [w for w in late if received[w] == min(received[w] for w in late)]
-            why = "; ".join(f"{w}: {failed[w]}" for w in hung if w in failed)
-            behind = [w for w in late if w not in hung]
-            raise WaitTimeout(f"weight sync (policy version {version}) did not finish within rollout.sync_timeout_s="
-                              f"{self.limits.sync_timeout_s:g} s: {self.describe(hung)} did not receive the weights"
-                              + (f" ({why})" if why else "")
-                              + (f"; {', '.join(behind)} waited behind {'it' if len(hung) == 1 else 'them'}"
-                                 if behind else ""))
+        self._keep_latest(state_dict, version)
+        if self.starting:
+            self._send_latest(list(self.starting))
+        self.collective.send(state_dict, version, bucket_bytes)
         return time.perf_counter() - start
 
-    @staticmethod
-    def _send_to_members(group, members: list[str], tensor, tag: int, failed: dict) -> dict:
-        """Start sending `tensor` to every member that has not failed; {worker: work}."""
-        works = {}
-        for rank, worker in enumerate(members, start=1):
-            if worker not in failed:
-                try:
-                    works[worker] = group.send(tensor, rank, tag)
-                except RuntimeError as err:  # its connection is gone: it died
-                    failed[worker] = one_line(err)
-        return works
-
-    @staticmethod
-    def _wait_sends(works: dict, failed: dict, received: dict, deadline: float) -> None:
-        from rlhf_ray.rollout.collective import remaining
-
-        for worker, work in works.items():
-            try:
-                work.wait(remaining(deadline))
-                received[worker] += 1
-            except RuntimeError as err:  # the worker died, or did not receive in time
-                failed.setdefault(worker, one_line(err))
-
-    def _drop_lost(self, calls: dict) -> list[str]:
+    def _drop_lost(self, calls: dict, errors: list | None = None) -> list[str]:
         """The workers among `calls` ({ref: worker id}, all finished) whose call ended because they died: dropped
-        from the pool (their chunks go to the others). Any other error of a call is raised."""
+        from the pool (their chunks go to the others). Any other error of a call is raised, or added to `errors`
+        if given. The collective sync (`CollectiveSync`) calls it."""
         lost = []
         for ref, worker in calls.items():
             try:
@@ -362,42 +308,11 @@ class RolloutPool:
             except WORKER_LOST:
                 self._drop_dead(worker)
                 lost.append(worker)
+            except Exception as err:
+                if errors is None:
+                    raise
+                errors.append(err)
         return lost
-
-    def _make_sync_group(self, members: list[str], deadline: float) -> None:
-        """A new process group of rank 0 (this process) and `members` (ranks 1..n), with a prefix of its own.
-        Members that die before they arrive are dropped from the pool, and the group abandoned (the caller
-        makes one of the others); members that do not arrive by `deadline` are named."""
-        from rlhf_ray.rollout.collective import SyncGroup, free_port
-
-        self._sync_group, self._sync_members = None, None
-        self._sync_generation += 1
-        host, port = ray.util.get_node_ip_address(), free_port()
-        prefix, world = f"{self.name}-sync-{self._sync_generation}", len(members) + 1
-        timeout = max(deadline - time.monotonic(), 0.1)
-        group = SyncGroup(host, port, 0, world, prefix, timeout)
-        calls = {self.workers[w].join_sync_group.remote(host, port, rank, world, prefix, timeout): w
-                 for rank, w in enumerate(members, start=1)}
-        while group.missing():
-            done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0.05)
-            lost = self._drop_lost({ref: calls[ref] for ref in done})
-            if lost or time.monotonic() > deadline:
-                group.decide(go=False)
-                if lost:
-                    return
-                absent = [members[r - 1] for r in group.missing()]
-                raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s="
-                                  f"{self.limits.sync_timeout_s:g} s: {self.describe(absent)} did not join")
-        group.decide(go=True)
-        group.connect()  # every member has arrived: milliseconds
-        done, late = ray.wait(list(calls), num_returns=len(calls), timeout=max(deadline - time.monotonic(), 0))
-        if late:
-            raise WaitTimeout(f"the weight-sync group did not form within rollout.sync_timeout_s="
-                              f"{self.limits.sync_timeout_s:g} s: {self.describe([calls[r] for r in late])} did "
-                              "not join")
-        for ref in done:
-            fetch_ready(ref, f"{calls[ref]} joining the weight-sync group")
-        self._sync_group, self._sync_members = group, members
 
     def describe(self, worker_ids: list[str]) -> str:
         """`rollout-1 (generating 16 prompts for 42 s), rollout-2 (idle)`: who, and what they were doing."""
